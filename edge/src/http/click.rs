@@ -1,0 +1,300 @@
+//! `GET|HEAD /c/{slug}`: the redirect hot path.
+//!
+//! A cache read, a click id, an append, a write. The click is in the ring
+//! before the response exists; if the append fails the visitor is still
+//! redirected (a click is never refused) and the failure is counted and
+//! logged as data at risk. HEAD is answered exactly like GET, and recorded
+//! like it, so every click id this edge hands out is in the ring.
+
+use std::borrow::Cow;
+use std::cell::RefCell;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
+
+use affgate_schema::click_id::ClickId;
+use affgate_schema::event::{ClickRef, encode_click};
+use bytes::Bytes;
+use http::header::{HeaderValue, LOCATION, REFERER, USER_AGENT};
+use http::{Method, Request, StatusCode};
+use http_body_util::Full;
+
+use super::{App, Body, X_REQUEST_ID, method_not_allowed, now_ms, response, text};
+use crate::links::redis::Miss;
+use crate::links::{Link, LinkStatus, Macros, OfferState, valid_slug};
+use crate::KIND_CLICK;
+
+/// Longest sub value kept, bytes.
+pub const MAX_SUB: usize = 256;
+pub const MAX_USER_AGENT: usize = 512;
+pub const MAX_REFERER: usize = 1024;
+
+thread_local! {
+    /// Reused encode buffer: no allocation per click once warm.
+    static EVENT_BUF: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(1024));
+}
+
+/// What the request supplies to the click record and the destination.
+#[derive(Debug)]
+pub struct ClickRequest<'a> {
+    pub slug: &'a str,
+    pub ip: IpAddr,
+    pub user_agent: Cow<'a, str>,
+    pub referer: Cow<'a, str>,
+    pub subs: [Cow<'a, str>; 5],
+}
+
+/// Truncate to at most `max` bytes on a char boundary.
+pub fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+fn truncate_cow(c: Cow<'_, str>, max: usize) -> Cow<'_, str> {
+    match c {
+        Cow::Borrowed(s) => Cow::Borrowed(truncate(s, max)),
+        Cow::Owned(s) if s.len() > max => Cow::Owned(truncate(&s, max).to_string()),
+        owned => owned,
+    }
+}
+
+/// `sub1`…`sub5` from the query; first occurrence wins.
+pub fn subs_from_query(query: Option<&str>) -> [Cow<'_, str>; 5] {
+    let mut subs: [Cow<'_, str>; 5] = Default::default();
+    let mut seen = [false; 5];
+    if let Some(q) = query {
+        for (k, v) in form_urlencoded::parse(q.as_bytes()) {
+            let i = match k.as_ref() {
+                "sub1" => 0,
+                "sub2" => 1,
+                "sub3" => 2,
+                "sub4" => 3,
+                "sub5" => 4,
+                _ => continue,
+            };
+            if !seen[i] {
+                seen[i] = true;
+                subs[i] = truncate_cow(v, MAX_SUB);
+            }
+        }
+    }
+    subs
+}
+
+fn header_str<'a>(req: &'a Request<hyper::body::Incoming>, name: http::header::HeaderName, max: usize) -> Cow<'a, str> {
+    match req.headers().get(name) {
+        Some(v) => truncate_cow(String::from_utf8_lossy(v.as_bytes()), max),
+        None => Cow::Borrowed(""),
+    }
+}
+
+/// The visitor's address: the peer, or the first `X-Forwarded-For` entry behind a trusted proxy.
+pub fn client_ip(headers: &http::HeaderMap, peer: SocketAddr, trust_forwarded_for: bool) -> IpAddr {
+    if trust_forwarded_for {
+        if let Some(ip) = headers
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(',').next())
+            .and_then(|v| v.trim().parse::<IpAddr>().ok())
+        {
+            return ip;
+        }
+    }
+    peer.ip()
+}
+
+/// Where a click goes.
+enum Target<'l> {
+    Destination(&'l Link),
+    Fallback(Cow<'l, str>),
+}
+
+pub async fn handle(app: &App, req: &Request<hyper::body::Incoming>, slug: &str, peer: SocketAddr) -> hyper::Response<Body> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return method_not_allowed(app.request_id(req.headers()), "GET, HEAD");
+    }
+    if !valid_slug(slug) {
+        return text(StatusCode::NOT_FOUND, app.request_id(req.headers()), "unknown link");
+    }
+    let click = ClickRequest {
+        slug,
+        ip: client_ip(req.headers(), peer, app.trust_forwarded_for),
+        user_agent: header_str(req, USER_AGENT, MAX_USER_AGENT),
+        referer: header_str(req, REFERER, MAX_REFERER),
+        subs: subs_from_query(req.uri().query()),
+    };
+    let client_rid = req.headers().get(&X_REQUEST_ID);
+    if let Some(r) = app.links.with_link(slug, |link| serve_link(app, Some(link), &click, client_rid)) {
+        return r;
+    }
+    // Miss: one bounded Redis lookup, then 404 or the fallback.
+    let miss = match &app.redis {
+        Some(redis) => redis.lookup_miss(slug).await,
+        None => Miss::NotFound,
+    };
+    match miss {
+        Miss::Found => {
+            if let Some(r) = app.links.with_link(slug, |link| serve_link(app, Some(link), &click, client_rid)) {
+                return r;
+            }
+            text(StatusCode::NOT_FOUND, app.request_id(req.headers()), "unknown link")
+        }
+        Miss::NotFound => text(StatusCode::NOT_FOUND, app.request_id(req.headers()), "unknown link"),
+        Miss::Unreachable => serve_link(app, None, &click, client_rid),
+    }
+}
+
+/// Decide, record, answer. `link` None: unknown slug while Redis is unreachable.
+pub fn serve_link(app: &App, link: Option<&Link>, click: &ClickRequest<'_>, client_rid: Option<&HeaderValue>) -> hyper::Response<Body> {
+    let (target, quarantined) = match link {
+        Some(l) => {
+            let (offer_state, offer_fallback) = app.links.offer(l.offer_id);
+            let closed = l.status == LinkStatus::Paused || offer_state == OfferState::Closed;
+            if closed {
+                let url = offer_fallback
+                    .map(|u| Cow::Owned(u.into_string()))
+                    .or_else(|| l.fallback_url.as_deref().map(Cow::Borrowed))
+                    .or_else(|| app.fallback_url.as_deref().map(Cow::Borrowed));
+                match url {
+                    Some(u) => (Target::Fallback(u), false),
+                    None => {
+                        return text(StatusCode::NOT_FOUND, rid_or_fresh(app, client_rid), "link paused and no fallback configured");
+                    }
+                }
+            } else {
+                (Target::Destination(l), l.status == LinkStatus::ShadowBanned)
+            }
+        }
+        None => match app.fallback_url.as_deref() {
+            Some(u) => (Target::Fallback(Cow::Borrowed(u)), false),
+            None => return text(StatusCode::NOT_FOUND, rid_or_fresh(app, client_rid), "unknown link"),
+        },
+    };
+    let (link_id, offer_id, affiliate_id) = link.map(|l| (l.link_id, l.offer_id, l.affiliate_id)).unwrap_or((0, 0, 0));
+    let ts_ms = now_ms();
+    let seq = app.ring.next_seq();
+    let click_id = match ClickId::mint(app.keys.current(), app.edge_id, ts_ms, link_id, seq as u32) {
+        Ok(c) => c,
+        Err(e) => {
+            // Loaders refuse link ids above MAX_LINK_ID, so this is a bug, not input.
+            tracing::error!(link_id, error = %e, "cannot mint click id");
+            return text(StatusCode::NOT_FOUND, rid_or_fresh(app, client_rid), "unknown link");
+        }
+    };
+    let fallback = matches!(target, Target::Fallback(_));
+    let event = ClickRef {
+        click_id: click_id.as_str(),
+        ts_ms,
+        edge_id: app.edge_id,
+        link_id,
+        offer_id,
+        affiliate_id,
+        slug: click.slug,
+        ip: click.ip,
+        user_agent: &click.user_agent,
+        referer: &click.referer,
+        subs: [&click.subs[0], &click.subs[1], &click.subs[2], &click.subs[3], &click.subs[4]],
+        quarantined,
+        fallback,
+    };
+    append_click(app, seq, ts_ms, &event);
+    if fallback {
+        app.metrics.fallback();
+    }
+    let (code, location) = match target {
+        Target::Destination(l) => {
+            let m = Macros {
+                click_id: click_id.as_str(),
+                subs: event.subs,
+                link_id,
+                offer_id,
+                affiliate_id,
+            };
+            (l.redirect_code, l.destination.expand(&m))
+        }
+        Target::Fallback(u) => (302, u.into_owned()),
+    };
+    let rid = match client_rid {
+        Some(r) if usable_rid(r) => r.clone(),
+        _ => HeaderValue::from_str(click_id.as_str()).unwrap_or_else(|_| app.fresh_request_id()),
+    };
+    let status = StatusCode::from_u16(code).unwrap_or(StatusCode::FOUND);
+    let mut resp = response(status, rid, Full::new(Bytes::new()));
+    match HeaderValue::from_maybe_shared(Bytes::from(location)) {
+        Ok(v) => {
+            resp.headers_mut().insert(LOCATION, v);
+        }
+        Err(_) => {
+            // Destinations are checked when loaded and macro values are percent-encoded.
+            tracing::error!(slug = click.slug, "destination is not a valid header value");
+        }
+    }
+    resp
+}
+
+fn usable_rid(v: &HeaderValue) -> bool {
+    let b = v.as_bytes();
+    !b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_graphic())
+}
+
+fn rid_or_fresh(app: &App, client_rid: Option<&HeaderValue>) -> HeaderValue {
+    match client_rid {
+        Some(r) if usable_rid(r) => r.clone(),
+        _ => app.fresh_request_id(),
+    }
+}
+
+fn append_click(app: &App, seq: u64, ts_ms: u64, event: &ClickRef<'_>) {
+    EVENT_BUF.with(|buf| {
+        let mut buf = buf.borrow_mut();
+        encode_click(event, &mut buf);
+        match app.ring.append(seq, KIND_CLICK, ts_ms, &buf) {
+            Ok(_) => {
+                app.ring_ok.store(true, Ordering::Relaxed);
+            }
+            Err(e) => {
+                app.ring_ok.store(false, Ordering::Relaxed);
+                app.metrics.append_error();
+                tracing::error!(error = %e, click_id = event.click_id, "click not stored: ring and spill failed");
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subs_first_occurrence_wins_and_is_truncated() {
+        let long = "x".repeat(MAX_SUB + 10);
+        let q = format!("sub1=a%20b&sub1=zzz&sub5={long}&other=1&sub3=%E2%9C%93");
+        let s = subs_from_query(Some(&q));
+        assert_eq!(s[0], "a b");
+        assert_eq!(s[1], "");
+        assert_eq!(s[2], "✓");
+        assert_eq!(s[4].len(), MAX_SUB);
+    }
+
+    #[test]
+    fn truncation_respects_char_boundaries() {
+        assert_eq!(truncate("ééé", 3), "é");
+        assert_eq!(truncate("abc", 10), "abc");
+    }
+
+    #[test]
+    fn forwarded_for_only_when_trusted() {
+        let mut h = http::HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("203.0.113.9, 10.0.0.1"));
+        let peer: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        assert_eq!(client_ip(&h, peer, false), peer.ip());
+        assert_eq!(client_ip(&h, peer, true), "203.0.113.9".parse::<IpAddr>().unwrap());
+        h.insert("x-forwarded-for", HeaderValue::from_static("garbage"));
+        assert_eq!(client_ip(&h, peer, true), peer.ip(), "unparsable header falls back to the peer");
+    }
+}

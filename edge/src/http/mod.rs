@@ -1,0 +1,246 @@
+//! The edge's HTTP surface (DESIGN.md "HTTP contract (edge)"): routing,
+//! listeners, and what every response carries.
+//!
+//! - `click.rs`: `GET|HEAD /c/{slug}`, the redirect hot path.
+//! - `postback.rs`: `GET|POST /postback`, parse, verify, append, 200.
+//! - `tls.rs`: the rustls listener (HTTP/2 and HTTP/1.1 by ALPN).
+//!
+//! Every response carries `X-Request-Id` (the request's, when it sent a
+//! usable one, else a fresh one) and `Cache-Control: private, no-store`.
+//! Nothing a client sends can produce a 5xx: bad input is 4xx with a
+//! one-line reason.
+
+pub mod click;
+pub mod postback;
+pub mod tls;
+
+use std::cell::Cell;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use affgate_schema::keys::KeyRing;
+use bytes::Bytes;
+use http::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::links::LinkCache;
+use crate::links::redis::RedisLinks;
+use crate::ring::Ring;
+use crate::telemetry::{Metrics, Route};
+
+pub type Body = Full<Bytes>;
+
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static NO_STORE: HeaderValue = HeaderValue::from_static("private, no-store");
+static TEXT_PLAIN: HeaderValue = HeaderValue::from_static("text/plain; charset=utf-8");
+
+/// Everything a request handler reads. Shared by all connections.
+#[derive(Debug)]
+pub struct App {
+    pub edge_id: u16,
+    pub keys: KeyRing,
+    pub ring: Arc<Ring>,
+    pub links: Arc<LinkCache>,
+    pub redis: Option<Arc<RedisLinks>>,
+    pub metrics: Arc<Metrics>,
+    /// `[links] fallback_url`.
+    pub fallback_url: Option<Box<str>>,
+    pub trust_forwarded_for: bool,
+    pub max_body_bytes: usize,
+    /// Cleared when an append fails; set again by the next one that works.
+    pub ring_ok: AtomicBool,
+    /// Distinguishes this process's fresh request ids from an earlier run's.
+    pub boot_nonce: u64,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A response with the headers every answer carries.
+pub fn response(status: StatusCode, request_id: HeaderValue, body: Body) -> Response<Body> {
+    let mut r = Response::new(body);
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    h.insert(CACHE_CONTROL, NO_STORE.clone());
+    h.insert(X_REQUEST_ID.clone(), request_id);
+    r
+}
+
+/// A plain-text answer: `reason` on one line.
+pub fn text(status: StatusCode, request_id: HeaderValue, reason: &str) -> Response<Body> {
+    let mut body = String::with_capacity(reason.len() + 1);
+    body.push_str(reason);
+    body.push('\n');
+    let mut r = response(status, request_id, Full::new(Bytes::from(body)));
+    r.headers_mut().insert(CONTENT_TYPE, TEXT_PLAIN.clone());
+    r
+}
+
+thread_local! {
+    static REQ_COUNTER: Cell<(u32, u64)> = const { Cell::new((u32::MAX, 0)) };
+}
+static NEXT_REQ_THREAD: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+impl App {
+    /// The request's own `X-Request-Id` when usable (1-128 visible ASCII), else a fresh one.
+    pub fn request_id(&self, req_headers: &http::HeaderMap) -> HeaderValue {
+        if let Some(v) = req_headers.get(&X_REQUEST_ID) {
+            let b = v.as_bytes();
+            if !b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_graphic()) {
+                return v.clone();
+            }
+        }
+        self.fresh_request_id()
+    }
+
+    /// `{boot nonce}-{thread}-{counter}` in hex: unique per process and thread, no shared counter.
+    pub fn fresh_request_id(&self) -> HeaderValue {
+        let (thread, n) = REQ_COUNTER.with(|c| {
+            let (mut t, n) = c.get();
+            if t == u32::MAX {
+                t = NEXT_REQ_THREAD.fetch_add(1, Ordering::Relaxed);
+            }
+            c.set((t, n + 1));
+            (t, n)
+        });
+        let s = format!("{:012x}-{:x}-{:x}", self.boot_nonce & 0xffff_ffff_ffff, thread, n);
+        HeaderValue::from_str(&s).unwrap_or_else(|_| HeaderValue::from_static("-"))
+    }
+
+    /// Route one request.
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+        let started = Instant::now();
+        let path = req.uri().path();
+        let route = if path.starts_with("/c/") {
+            Route::Click
+        } else if path == "/postback" {
+            Route::Postback
+        } else if path == "/healthz" || path == "/readyz" {
+            Route::Health
+        } else {
+            Route::Other
+        };
+        let resp = match route {
+            Route::Click => {
+                let slug = &req.uri().path()["/c/".len()..];
+                click::handle(&self, &req, slug, peer).await
+            }
+            Route::Postback => postback::handle(&self, req).await,
+            Route::Health => self.health(&req),
+            Route::Other => {
+                let rid = self.request_id(req.headers());
+                text(StatusCode::NOT_FOUND, rid, "not found")
+            }
+        };
+        self.metrics.record(route, resp.status().as_u16(), started.elapsed());
+        resp
+    }
+
+    fn health(&self, req: &Request<Incoming>) -> Response<Body> {
+        let rid = self.request_id(req.headers());
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            return method_not_allowed(rid, "GET, HEAD");
+        }
+        if req.uri().path() == "/healthz" {
+            return text(StatusCode::OK, rid, "ok");
+        }
+        let ring = self.ring_ok.load(Ordering::Relaxed);
+        let links = self.links.is_loaded();
+        if ring && links {
+            text(StatusCode::OK, rid, "ready")
+        } else {
+            let why = match (ring, links) {
+                (false, false) => "not ready: ring not writable, links not loaded",
+                (false, true) => "not ready: ring not writable",
+                _ => "not ready: links not loaded",
+            };
+            text(StatusCode::SERVICE_UNAVAILABLE, rid, why)
+        }
+    }
+}
+
+pub fn method_not_allowed(rid: HeaderValue, allow: &'static str) -> Response<Body> {
+    let mut r = text(StatusCode::METHOD_NOT_ALLOWED, rid, "method not allowed");
+    r.headers_mut().insert(http::header::ALLOW, HeaderValue::from_static(allow));
+    r
+}
+
+/// Accept plain HTTP/1.1 connections (keep-alive) until shutdown.
+pub async fn serve_plain(listener: TcpListener, app: Arc<App>, mut shutdown: watch::Receiver<bool>, graceful: Arc<GracefulShutdown>) {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.keep_alive(true).max_buf_size(64 * 1024);
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    // EMFILE and friends: back off briefly rather than spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => return,
+        };
+        let _ = stream.set_nodelay(true);
+        let app = app.clone();
+        let svc = hyper::service::service_fn(move |req| {
+            let app = app.clone();
+            async move { Ok::<_, Infallible>(app.handle(req, peer).await) }
+        });
+        let conn = http.serve_connection(TokioIo::new(stream), svc);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "http connection ended with an error");
+            }
+        });
+    }
+}
+
+/// Prometheus `/metrics` on its own listener.
+pub async fn serve_metrics(listener: TcpListener, render: Arc<dyn Fn() -> String + Send + Sync>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let (stream, _) = tokio::select! {
+            r = listener.accept() => match r { Ok(c) => c, Err(_) => continue },
+            _ = shutdown.changed() => return,
+        };
+        let render = render.clone();
+        let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let render = render.clone();
+            async move {
+                let mut r = if req.uri().path() == "/metrics" {
+                    let mut r = Response::new(Full::new(Bytes::from(render())));
+                    r.headers_mut()
+                        .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+                    r
+                } else {
+                    Response::new(Full::new(Bytes::from_static(b"not found\n")))
+                };
+                if req.uri().path() != "/metrics" {
+                    *r.status_mut() = StatusCode::NOT_FOUND;
+                }
+                Ok::<_, Infallible>(r)
+            }
+        });
+        tokio::spawn(async move {
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}

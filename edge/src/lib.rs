@@ -1,0 +1,300 @@
+//! affgate-edge: answers click redirects and conversion postbacks close to
+//! visitors and networks, and keeps every event in a crash-surviving ring
+//! until a collector has it.
+//!
+//! - `config`: the TOML file, `AFFGATE_*` overrides, typed checks.
+//! - `http`: routing and listeners; `http::click` is the redirect hot path,
+//!   `http::postback` the postback path, `http::tls` the rustls listener.
+//! - `links`: the in-process link cache and its sources (links file,
+//!   Redis with pub/sub invalidation), destination templates.
+//! - `ring`: the mmap'd event ring, its recovery, spill files, consumer.
+//! - `inspect`: what `affgate-edge ring inspect` prints.
+//! - `telemetry`: per-thread request metrics, Prometheus text, tracing.
+//!
+//! `main.rs` only parses flags and calls [`run`]; tests drive [`Edge`]
+//! in-process or the binary as a child process.
+
+pub mod config;
+pub mod http;
+pub mod inspect;
+pub mod links;
+#[allow(unsafe_code)]
+pub mod ring;
+pub mod telemetry;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use affgate_schema::keys::{KeyRing, Keys};
+use anyhow::Context;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::{Config, LinkSource};
+use crate::http::App;
+use crate::links::LinkCache;
+use crate::links::redis::RedisLinks;
+use crate::ring::{Ring, RingConfig};
+use crate::telemetry::Metrics;
+
+/// Ring record kind of a click event.
+pub const KIND_CLICK: u8 = 1;
+/// Ring record kind of a postback event.
+pub const KIND_POSTBACK: u8 = 2;
+
+/// How long shutdown waits for in-flight connections.
+const DRAIN: Duration = Duration::from_secs(5);
+
+/// A running edge.
+#[derive(Debug)]
+pub struct Edge {
+    pub http_addr: SocketAddr,
+    pub tls_addr: Option<SocketAddr>,
+    pub metrics_addr: Option<SocketAddr>,
+    app: Arc<App>,
+    shutdown: watch::Sender<bool>,
+    accept_tasks: Vec<JoinHandle<()>>,
+    background: Vec<JoinHandle<()>>,
+    graceful: Arc<GracefulShutdown>,
+}
+
+/// The key ring of a config: the current secret and the still-accepted previous ones.
+pub fn key_ring(cfg: &Config) -> KeyRing {
+    cfg.previous_secrets
+        .iter()
+        .fold(KeyRing::new(Keys::derive(&cfg.secret)), |ring, (s, until)| {
+            ring.with_previous(Keys::derive(s), *until)
+        })
+}
+
+impl Edge {
+    /// Open the ring, load links, bind every listener and start serving.
+    pub async fn start(cfg: Config) -> anyhow::Result<Edge> {
+        let keys = key_ring(&cfg);
+        let ring = Ring::open(&RingConfig {
+            path: cfg.ring_path.clone(),
+            size_bytes: cfg.ring_bytes,
+            spill_dir: cfg.spill_dir.clone(),
+        })
+        .context("open ring ([buffer] path)")?;
+        let ring = Arc::new(ring);
+        let cache = Arc::new(LinkCache::new());
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let mut background = Vec::new();
+
+        let redis = match &cfg.links {
+            LinkSource::File { links, networks } => {
+                let snap = links::file::load(links, networks.as_deref(), keys.current())
+                    .context("load links file")?;
+                tracing::info!(links = snap.links.len(), tokens = snap.tokens.len(), "links loaded from file");
+                cache.replace(snap);
+                None
+            }
+            LinkSource::Redis { url } => {
+                let r = RedisLinks::new(url, cache.clone(), cfg.miss_timeout)?;
+                background.push(tokio::spawn(r.clone().run(shutdown_rx.clone())));
+                Some(r)
+            }
+        };
+        background.push(tokio::spawn(reload_on_sighup(
+            cfg.links.clone(),
+            keys.current().clone(),
+            cache.clone(),
+            redis.clone(),
+            shutdown_rx.clone(),
+        )));
+
+        let boot_nonce = http::now_ms() ^ (u64::from(std::process::id()) << 40);
+        let app = Arc::new(App {
+            edge_id: cfg.edge_id,
+            keys,
+            ring: ring.clone(),
+            links: cache.clone(),
+            redis: redis.clone(),
+            metrics: Arc::new(Metrics::default()),
+            fallback_url: cfg.fallback_url.as_deref().map(Into::into),
+            trust_forwarded_for: cfg.trust_forwarded_for,
+            max_body_bytes: cfg.max_body_bytes,
+            ring_ok: AtomicBool::new(true),
+            boot_nonce,
+        });
+
+        let graceful = Arc::new(GracefulShutdown::new());
+        let mut accept_tasks = Vec::new();
+        let listener = TcpListener::bind(cfg.listen)
+            .await
+            .with_context(|| format!("bind [http] listen {}", cfg.listen))?;
+        let http_addr = listener.local_addr()?;
+        accept_tasks.push(tokio::spawn(http::serve_plain(
+            listener,
+            app.clone(),
+            shutdown_rx.clone(),
+            graceful.clone(),
+        )));
+
+        let mut tls_addr = None;
+        if let Some(tls) = &cfg.tls {
+            let server_cfg = http::tls::server_config(&tls.cert, &tls.key)?;
+            let l = TcpListener::bind(tls.listen)
+                .await
+                .with_context(|| format!("bind [http] tls_listen {}", tls.listen))?;
+            tls_addr = Some(l.local_addr()?);
+            accept_tasks.push(tokio::spawn(http::tls::serve_tls(
+                l,
+                server_cfg,
+                app.clone(),
+                shutdown_rx.clone(),
+                graceful.clone(),
+            )));
+        }
+
+        let mut metrics_addr = None;
+        if let Some(m) = cfg.metrics_listen {
+            let l = TcpListener::bind(m)
+                .await
+                .with_context(|| format!("bind [metrics] listen {m}"))?;
+            metrics_addr = Some(l.local_addr()?);
+            let app = app.clone();
+            let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || render_metrics(&app));
+            background.push(tokio::spawn(http::serve_metrics(l, render, shutdown_rx.clone())));
+        }
+
+        Ok(Edge {
+            http_addr,
+            tls_addr,
+            metrics_addr,
+            app,
+            shutdown: shutdown_tx,
+            accept_tasks,
+            background,
+            graceful,
+        })
+    }
+
+    pub fn app(&self) -> &Arc<App> {
+        &self.app
+    }
+
+    /// Stop accepting, let in-flight requests finish (up to 5 s), stop background tasks.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for t in self.accept_tasks {
+            let _ = t.await;
+        }
+        match Arc::try_unwrap(self.graceful) {
+            Ok(g) => {
+                if tokio::time::timeout(DRAIN, g.shutdown()).await.is_err() {
+                    tracing::warn!("connections still open after {DRAIN:?}; closing them");
+                }
+            }
+            Err(_) => tracing::debug!("a TLS handshake was in flight at shutdown"),
+        }
+        for t in self.background {
+            t.abort();
+        }
+    }
+}
+
+/// Everything `/metrics` shows.
+pub fn render_metrics(app: &App) -> String {
+    use telemetry::{counter, gauge};
+    let mut out = String::with_capacity(8192);
+    app.metrics.render_requests(&mut out);
+    let s = app.ring.stats();
+    gauge(&mut out, "affgate_edge_ring_capacity_bytes", "Ring data capacity.", s.capacity_bytes as f64);
+    gauge(&mut out, "affgate_edge_ring_used_bytes", "Ring bytes held by unfreed records.", s.used_bytes as f64);
+    gauge(
+        &mut out,
+        "affgate_edge_ring_fill_ratio",
+        "Used over capacity.",
+        if s.capacity_bytes > 0 { s.used_bytes as f64 / s.capacity_bytes as f64 } else { 0.0 },
+    );
+    gauge(&mut out, "affgate_edge_ring_unacked_records", "Records in the ring not yet acknowledged.", s.unacked_records as f64);
+    gauge(&mut out, "affgate_edge_spill_records", "Spilled records not yet acknowledged.", s.spilled_records as f64);
+    gauge(&mut out, "affgate_edge_spill_bytes", "Bytes in spill files.", s.spill_bytes as f64);
+    counter(&mut out, "affgate_edge_spilled_records_total", "Records written to spill files since start.", s.spilled_total);
+    let lag = s
+        .oldest_unacked_ts_ms
+        .map(|ts| http::now_ms().saturating_sub(ts) as f64 / 1e3)
+        .unwrap_or(0.0);
+    gauge(&mut out, "affgate_edge_delivery_lag_seconds", "Age of the oldest unacknowledged record.", lag);
+    let c = app.links.counts();
+    gauge(&mut out, "affgate_edge_links_loaded", "Links in the cache.", c.links as f64);
+    gauge(&mut out, "affgate_edge_offers_loaded", "Offers in the cache.", c.offers as f64);
+    gauge(&mut out, "affgate_edge_tokens_loaded", "Postback tokens in the cache.", c.tokens as f64);
+    counter(&mut out, "affgate_edge_links_reloads_total", "Full link loads that succeeded.", c.reloads_ok);
+    counter(&mut out, "affgate_edge_links_reload_failures_total", "Full link loads that failed (old links kept).", c.reloads_failed);
+    if let Some(r) = &app.redis {
+        let rc = r.counts();
+        gauge(&mut out, "affgate_edge_redis_up", "1 while the Redis subscription is live.", if rc.up { 1.0 } else { 0.0 });
+        counter(&mut out, "affgate_edge_redis_errors_total", "Redis commands or sessions that failed.", rc.errors);
+        out.push_str("# HELP affgate_edge_link_misses_total Cache misses looked up in Redis, by outcome.\n");
+        out.push_str("# TYPE affgate_edge_link_misses_total counter\n");
+        for (outcome, n) in [("found", rc.miss_found), ("not_found", rc.miss_not_found), ("unreachable", rc.miss_unreachable)] {
+            out.push_str(&format!("affgate_edge_link_misses_total{{outcome=\"{outcome}\"}} {n}\n"));
+        }
+    }
+    out
+}
+
+/// SIGHUP: re-read the links file (a bad file is refused, the old links keep serving) or Redis.
+async fn reload_on_sighup(
+    source: LinkSource,
+    keys: Keys,
+    cache: Arc<LinkCache>,
+    redis: Option<Arc<RedisLinks>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGHUP; links will not reload");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {}
+            _ = shutdown.changed() => return,
+        }
+        match (&source, &redis) {
+            (LinkSource::File { links, networks }, _) => {
+                match links::file::load(links, networks.as_deref(), &keys) {
+                    Ok(snap) => {
+                        let n = snap.links.len();
+                        cache.replace(snap);
+                        tracing::info!(links = n, "links file reloaded");
+                    }
+                    Err(e) => {
+                        cache.note_reload_failed();
+                        tracing::error!(error = %e, "links file refused; still serving the previous links");
+                    }
+                }
+            }
+            (LinkSource::Redis { .. }, Some(r)) => r.request_reload(),
+            (LinkSource::Redis { .. }, None) => {}
+        }
+    }
+}
+
+/// Run until `shutdown` resolves. Prints one line with the bound addresses
+/// on stdout (`affgate-edge listening http=ADDR tls=ADDR|- metrics=ADDR|-`).
+pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let edge = Edge::start(cfg).await?;
+    let show = |a: Option<SocketAddr>| a.map(|a| a.to_string()).unwrap_or_else(|| "-".into());
+    println!(
+        "affgate-edge listening http={} tls={} metrics={}",
+        edge.http_addr,
+        show(edge.tls_addr),
+        show(edge.metrics_addr)
+    );
+    tracing::info!(http = %edge.http_addr, "edge serving");
+    shutdown.await;
+    tracing::info!("shutting down");
+    edge.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,307 @@
+//! The link cache: what the hot path reads to answer a click or check a
+//! postback token, with no I/O on a hit.
+//!
+//! Filled from one of two sources:
+//! - `file`: the static links CSV and networks CSV (reloaded on SIGHUP;
+//!   a file that does not parse is refused and the old contents keep serving);
+//! - `redis`: the control plane's layout (DESIGN.md "Redis layout"): a full
+//!   load at start and after every reconnect, single keys from the
+//!   `affgate:changes` channel, one bounded GET on a miss.
+//!
+//! Tokens are held only as keyed hashes (`keys::token_hash`), as in Redis.
+
+pub mod file;
+pub mod redis;
+pub mod template;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use dashmap::DashMap;
+
+pub use template::{Macros, Template};
+
+/// A link's status as set by the control plane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkStatus {
+    Active,
+    Paused,
+    ShadowBanned,
+}
+
+impl LinkStatus {
+    pub fn parse(s: &str) -> Option<LinkStatus> {
+        match s {
+            "active" | "" => Some(LinkStatus::Active),
+            "paused" => Some(LinkStatus::Paused),
+            "shadow_banned" => Some(LinkStatus::ShadowBanned),
+            _ => None,
+        }
+    }
+}
+
+/// An offer's status as set by the control plane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OfferStatus {
+    Active,
+    Capped,
+    Paused,
+}
+
+impl OfferStatus {
+    pub fn parse(s: &str) -> Option<OfferStatus> {
+        match s {
+            "active" | "" => Some(OfferStatus::Active),
+            "capped" => Some(OfferStatus::Capped),
+            "paused" => Some(OfferStatus::Paused),
+            _ => None,
+        }
+    }
+}
+
+/// One tracked link.
+#[derive(Debug, Clone)]
+pub struct Link {
+    pub link_id: u64,
+    pub destination: Template,
+    pub status: LinkStatus,
+    /// 301, 302, 307 or 308.
+    pub redirect_code: u16,
+    pub offer_id: u64,
+    pub affiliate_id: u64,
+    pub network_id: u64,
+    pub fallback_url: Option<Box<str>>,
+    /// Control-plane version; an older version never replaces a newer one.
+    pub version: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Offer {
+    pub status: OfferStatus,
+    pub fallback_url: Option<Box<str>>,
+}
+
+/// Redirect codes a link may use.
+pub fn valid_redirect_code(code: u16) -> bool {
+    matches!(code, 301 | 302 | 307 | 308)
+}
+
+/// Slugs are URL-safe: `A-Z a-z 0-9 - _ .`, 1 to 128 characters.
+pub fn valid_slug(slug: &str) -> bool {
+    !slug.is_empty()
+        && slug.len() <= 128
+        && slug
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// A destination or fallback must be an absolute http(s) URL without spaces or controls.
+pub fn valid_url(s: &str) -> bool {
+    let rest = s
+        .strip_prefix("https://")
+        .or_else(|| s.strip_prefix("http://"));
+    matches!(rest, Some(r) if !r.is_empty() && !r.starts_with('/'))
+        && !s.bytes().any(|b| b.is_ascii_control() || b == b' ')
+}
+
+/// Everything a source loads at once.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub links: Vec<(Box<str>, Link)>,
+    pub offers: Vec<(u64, Offer)>,
+    /// token hash (hex) → network id
+    pub tokens: Vec<(String, u64)>,
+}
+
+/// The in-process cache shared by all workers.
+#[derive(Debug, Default)]
+pub struct LinkCache {
+    links: DashMap<Box<str>, Link>,
+    offers: DashMap<u64, Offer>,
+    tokens: DashMap<String, u64>,
+    loaded: AtomicBool,
+    reloads_ok: AtomicU64,
+    reloads_failed: AtomicU64,
+}
+
+/// What the cache says about a slug's offer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OfferState {
+    Open,
+    /// Capped or paused: redirect to the fallback.
+    Closed,
+}
+
+impl LinkCache {
+    pub fn new() -> LinkCache {
+        LinkCache::default()
+    }
+
+    /// Run `f` on the cached link, without cloning it.
+    pub fn with_link<R>(&self, slug: &str, f: impl FnOnce(&Link) -> R) -> Option<R> {
+        self.links.get(slug).map(|l| f(&l))
+    }
+
+    /// The offer's state and fallback (None when the offer is unknown: open, no fallback).
+    pub fn offer(&self, offer_id: u64) -> (OfferState, Option<Box<str>>) {
+        match self.offers.get(&offer_id) {
+            Some(o) => {
+                let state = match o.status {
+                    OfferStatus::Active => OfferState::Open,
+                    OfferStatus::Capped | OfferStatus::Paused => OfferState::Closed,
+                };
+                (state, o.fallback_url.clone())
+            }
+            None => (OfferState::Open, None),
+        }
+    }
+
+    /// Network id owning a token hash.
+    pub fn network_for_token_hash(&self, hash: &str) -> Option<u64> {
+        self.tokens.get(hash).map(|n| *n)
+    }
+
+    /// Insert or replace a link unless the cached one is newer.
+    pub fn upsert_link(&self, slug: Box<str>, link: Link) {
+        match self.links.entry(slug) {
+            dashmap::Entry::Occupied(mut e) => {
+                if e.get().version <= link.version {
+                    e.insert(link);
+                }
+            }
+            dashmap::Entry::Vacant(e) => {
+                e.insert(link);
+            }
+        }
+    }
+
+    pub fn remove_link(&self, slug: &str) {
+        self.links.remove(slug);
+    }
+
+    pub fn upsert_offer(&self, id: u64, offer: Offer) {
+        self.offers.insert(id, offer);
+    }
+
+    pub fn remove_offer(&self, id: u64) {
+        self.offers.remove(&id);
+    }
+
+    pub fn upsert_token(&self, hash: String, network_id: u64) {
+        self.tokens.insert(hash, network_id);
+    }
+
+    pub fn remove_token(&self, hash: &str) {
+        self.tokens.remove(hash);
+    }
+
+    /// Replace everything with `snap`: entries missing from it are removed.
+    pub fn replace(&self, snap: Snapshot) {
+        let mut slugs = std::collections::HashSet::with_capacity(snap.links.len());
+        for (slug, link) in snap.links {
+            slugs.insert(slug.clone());
+            // A full load is authoritative: replace regardless of version.
+            self.links.insert(slug, link);
+        }
+        self.links.retain(|k, _| slugs.contains(k));
+        let offer_ids: std::collections::HashSet<u64> = snap.offers.iter().map(|(id, _)| *id).collect();
+        for (id, o) in snap.offers {
+            self.offers.insert(id, o);
+        }
+        self.offers.retain(|k, _| offer_ids.contains(k));
+        let hashes: std::collections::HashSet<String> = snap.tokens.iter().map(|(h, _)| h.clone()).collect();
+        for (h, n) in snap.tokens {
+            self.tokens.insert(h, n);
+        }
+        self.tokens.retain(|k, _| hashes.contains(k));
+        self.loaded.store(true, Ordering::Release);
+        self.reloads_ok.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn note_reload_failed(&self) {
+        self.reloads_failed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// True once a full load succeeded.
+    pub fn is_loaded(&self) -> bool {
+        self.loaded.load(Ordering::Acquire)
+    }
+
+    pub fn counts(&self) -> CacheCounts {
+        CacheCounts {
+            links: self.links.len() as u64,
+            offers: self.offers.len() as u64,
+            tokens: self.tokens.len() as u64,
+            reloads_ok: self.reloads_ok.load(Ordering::Relaxed),
+            reloads_failed: self.reloads_failed.load(Ordering::Relaxed),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CacheCounts {
+    pub links: u64,
+    pub offers: u64,
+    pub tokens: u64,
+    pub reloads_ok: u64,
+    pub reloads_failed: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn link(id: u64, version: u64) -> Link {
+        Link {
+            link_id: id,
+            destination: Template::parse("https://m.example/"),
+            status: LinkStatus::Active,
+            redirect_code: 302,
+            offer_id: 1,
+            affiliate_id: 1,
+            network_id: 1,
+            fallback_url: None,
+            version,
+        }
+    }
+
+    #[test]
+    fn older_versions_never_replace_newer() {
+        let c = LinkCache::new();
+        c.upsert_link("a".into(), link(1, 5));
+        c.upsert_link("a".into(), link(2, 4));
+        assert_eq!(c.with_link("a", |l| l.link_id), Some(1), "version 4 must not replace 5");
+        c.upsert_link("a".into(), link(3, 5));
+        assert_eq!(c.with_link("a", |l| l.link_id), Some(3), "same version replaces");
+    }
+
+    #[test]
+    fn replace_drops_what_the_snapshot_lacks() {
+        let c = LinkCache::new();
+        c.upsert_link("gone".into(), link(1, 1));
+        c.upsert_token("h1".into(), 1);
+        assert!(!c.is_loaded());
+        c.replace(Snapshot {
+            links: vec![("kept".into(), link(2, 1))],
+            offers: vec![],
+            tokens: vec![("h2".into(), 2)],
+        });
+        assert!(c.is_loaded());
+        assert!(c.with_link("gone", |_| ()).is_none());
+        assert_eq!(c.with_link("kept", |l| l.link_id), Some(2));
+        assert_eq!(c.network_for_token_hash("h1"), None);
+        assert_eq!(c.network_for_token_hash("h2"), Some(2));
+    }
+
+    #[test]
+    fn slugs_and_urls() {
+        assert!(valid_slug("abc-DEF_1.2"));
+        assert!(!valid_slug(""));
+        assert!(!valid_slug("a/b"));
+        assert!(!valid_slug(&"a".repeat(129)));
+        assert!(valid_url("https://m.example/x?y={click_id}"));
+        assert!(!valid_url("ftp://m.example/"));
+        assert!(!valid_url("https://"));
+        assert!(!valid_url("https:///path"));
+        assert!(!valid_url("https://a b"));
+    }
+}

@@ -1,0 +1,450 @@
+//! Links from Redis, in DESIGN.md's layout, written by the collector's
+//! control plane and only read here:
+//!
+//! ```text
+//! affgate:link:{slug}   hash  link_id destination status redirect_code offer_id
+//!                             affiliate_id network_id fallback_url version
+//! affgate:offer:{id}    hash  status (active|capped|paused) fallback_url
+//! affgate:token:{hash}  string network id; hash = hex keyed blake3 of the token
+//! affgate:changes       pub/sub: "link:{slug}" | "offer:{id}" | "token:{hash}"
+//! ```
+//!
+//! One background task owns the subscription: it subscribes first, then
+//! loads every key (so no change can fall between load and subscribe),
+//! then applies changes one key at a time. When the connection drops it
+//! reconnects with backoff and loads everything again. The hot path never
+//! waits on this task; only a cache miss issues one GET, bounded by
+//! `miss_timeout`, on a shared multiplexed connection.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use affgate_schema::click_id::MAX_LINK_ID;
+use anyhow::{Context, bail};
+use futures_util::StreamExt;
+use redis::aio::MultiplexedConnection;
+use tokio::sync::{Notify, watch};
+
+use super::{Link, LinkCache, LinkStatus, Offer, OfferStatus, Snapshot, Template, valid_redirect_code, valid_url};
+
+pub const CHANNEL: &str = "affgate:changes";
+pub const LINK_PREFIX: &str = "affgate:link:";
+pub const OFFER_PREFIX: &str = "affgate:offer:";
+pub const TOKEN_PREFIX: &str = "affgate:token:";
+
+/// Longest wait for any command of the background task before the
+/// connection is taken for dead and rebuilt.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// What a miss lookup found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Miss {
+    /// Now in the cache.
+    Found,
+    /// Redis answered: no such link.
+    NotFound,
+    /// Redis down, slow or returned garbage: serve the fallback.
+    Unreachable,
+}
+
+#[derive(Debug)]
+pub struct RedisLinks {
+    client: redis::Client,
+    cache: Arc<LinkCache>,
+    miss_timeout: Duration,
+    conn: Mutex<Option<MultiplexedConnection>>,
+    up: AtomicBool,
+    errors: AtomicU64,
+    miss_found: AtomicU64,
+    miss_not_found: AtomicU64,
+    miss_unreachable: AtomicU64,
+    reload: Notify,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RedisCounts {
+    pub up: bool,
+    pub errors: u64,
+    pub miss_found: u64,
+    pub miss_not_found: u64,
+    pub miss_unreachable: u64,
+}
+
+impl RedisLinks {
+    pub fn new(url: &str, cache: Arc<LinkCache>, miss_timeout: Duration) -> anyhow::Result<Arc<RedisLinks>> {
+        let client = redis::Client::open(url).with_context(|| format!("redis url {url}"))?;
+        Ok(Arc::new(RedisLinks {
+            client,
+            cache,
+            miss_timeout,
+            conn: Mutex::new(None),
+            up: AtomicBool::new(false),
+            errors: AtomicU64::new(0),
+            miss_found: AtomicU64::new(0),
+            miss_not_found: AtomicU64::new(0),
+            miss_unreachable: AtomicU64::new(0),
+            reload: Notify::new(),
+        }))
+    }
+
+    pub fn counts(&self) -> RedisCounts {
+        RedisCounts {
+            up: self.up.load(Ordering::Relaxed),
+            errors: self.errors.load(Ordering::Relaxed),
+            miss_found: self.miss_found.load(Ordering::Relaxed),
+            miss_not_found: self.miss_not_found.load(Ordering::Relaxed),
+            miss_unreachable: self.miss_unreachable.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Ask the background task for a full re-read (SIGHUP).
+    pub fn request_reload(&self) {
+        self.reload.notify_one();
+    }
+
+    fn shared_conn(&self) -> Option<MultiplexedConnection> {
+        self.conn.lock().ok().and_then(|c| c.clone())
+    }
+
+    fn set_conn(&self, conn: Option<MultiplexedConnection>) {
+        if let Ok(mut c) = self.conn.lock() {
+            *c = conn;
+        }
+    }
+
+    /// One bounded GET for a slug the cache does not hold.
+    pub async fn lookup_miss(&self, slug: &str) -> Miss {
+        let outcome = self.lookup_miss_inner(slug).await;
+        let counter = match outcome {
+            Miss::Found => &self.miss_found,
+            Miss::NotFound => &self.miss_not_found,
+            Miss::Unreachable => &self.miss_unreachable,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        outcome
+    }
+
+    async fn lookup_miss_inner(&self, slug: &str) -> Miss {
+        let Some(mut conn) = self.shared_conn() else {
+            return Miss::Unreachable;
+        };
+        let key = format!("{LINK_PREFIX}{slug}");
+        let mut cmd = redis::cmd("HGETALL");
+        cmd.arg(&key);
+        let fut = cmd.query_async::<HashMap<String, String>>(&mut conn);
+        match tokio::time::timeout(self.miss_timeout, fut).await {
+            Ok(Ok(fields)) if fields.is_empty() => Miss::NotFound,
+            Ok(Ok(fields)) => match parse_link(&fields) {
+                Ok(link) => {
+                    self.cache.upsert_link(slug.into(), link);
+                    Miss::Found
+                }
+                Err(reason) => {
+                    tracing::warn!(key, reason, "unusable link hash in redis");
+                    Miss::Unreachable
+                }
+            },
+            Ok(Err(e)) => {
+                self.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(error = %e, "redis miss lookup failed");
+                Miss::Unreachable
+            }
+            Err(_elapsed) => Miss::Unreachable,
+        }
+    }
+
+    /// The background task: subscribe, load, follow changes; reconnect on failure.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            match self.session(&mut shutdown).await {
+                Ok(()) => return,
+                Err(e) => {
+                    self.up.store(false, Ordering::Relaxed);
+                    self.set_conn(None);
+                    self.errors.fetch_add(1, Ordering::Relaxed);
+                    self.cache.note_reload_failed();
+                    tracing::warn!(error = format!("{e:#}"), retry_in_ms = backoff.as_millis() as u64, "redis links session ended; serving from cache");
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = shutdown.changed() => return,
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    /// One connected session. Ok(()) only on shutdown.
+    async fn session(&self, shutdown: &mut watch::Receiver<bool>) -> anyhow::Result<()> {
+        let mut pubsub = timed(self.client.get_async_pubsub()).await.context("connect for subscribe")?;
+        timed(pubsub.subscribe(CHANNEL)).await.context("subscribe")?;
+        let mut conn = timed(self.client.get_multiplexed_async_connection())
+            .await
+            .context("connect")?;
+        let started = std::time::Instant::now();
+        let snap = load_all(&mut conn).await.context("full load")?;
+        let n = snap.links.len();
+        self.cache.replace(snap);
+        self.set_conn(Some(conn.clone()));
+        self.up.store(true, Ordering::Relaxed);
+        tracing::info!(links = n, ms = started.elapsed().as_millis() as u64, "links loaded from redis");
+        let mut messages = pubsub.on_message();
+        loop {
+            tokio::select! {
+                msg = messages.next() => {
+                    let Some(msg) = msg else { bail!("subscription closed") };
+                    let payload: String = match msg.get_payload() {
+                        Ok(p) => p,
+                        Err(e) => { tracing::warn!(error = %e, "non-text message on {CHANNEL}"); continue; }
+                    };
+                    apply_change(&self.cache, &mut conn, &payload).await?;
+                }
+                _ = self.reload.notified() => {
+                    let snap = load_all(&mut conn).await.context("reload")?;
+                    self.cache.replace(snap);
+                    tracing::info!("links reloaded from redis");
+                }
+                _ = shutdown.changed() => return Ok(()),
+            }
+        }
+    }
+}
+
+async fn timed<T, E>(fut: impl Future<Output = Result<T, E>>) -> anyhow::Result<T>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    match tokio::time::timeout(COMMAND_TIMEOUT, fut).await {
+        Ok(r) => Ok(r?),
+        Err(_) => bail!("redis did not answer within {COMMAND_TIMEOUT:?}"),
+    }
+}
+
+/// Apply one `affgate:changes` message. Err only when Redis itself failed.
+pub async fn apply_change(cache: &LinkCache, conn: &mut MultiplexedConnection, payload: &str) -> anyhow::Result<()> {
+    if let Some(slug) = payload.strip_prefix("link:") {
+        let key = format!("{LINK_PREFIX}{slug}");
+        let fields: HashMap<String, String> = timed(redis::cmd("HGETALL").arg(&key).query_async(conn)).await?;
+        if fields.is_empty() {
+            cache.remove_link(slug);
+        } else {
+            match parse_link(&fields) {
+                Ok(link) => cache.upsert_link(slug.into(), link),
+                Err(reason) => tracing::warn!(key, reason, "unusable link hash in redis; keeping the cached one"),
+            }
+        }
+    } else if let Some(id) = payload.strip_prefix("offer:") {
+        let Ok(offer_id) = id.parse::<u64>() else {
+            tracing::warn!(payload, "bad offer id on {CHANNEL}");
+            return Ok(());
+        };
+        let key = format!("{OFFER_PREFIX}{id}");
+        let fields: HashMap<String, String> = timed(redis::cmd("HGETALL").arg(&key).query_async(conn)).await?;
+        if fields.is_empty() {
+            cache.remove_offer(offer_id);
+        } else {
+            match parse_offer(&fields) {
+                Ok(o) => cache.upsert_offer(offer_id, o),
+                Err(reason) => tracing::warn!(key, reason, "unusable offer hash in redis"),
+            }
+        }
+    } else if let Some(hash) = payload.strip_prefix("token:") {
+        let key = format!("{TOKEN_PREFIX}{hash}");
+        let v: Option<String> = timed(redis::cmd("GET").arg(&key).query_async(conn)).await?;
+        match v.as_deref().map(str::parse::<u64>) {
+            None => cache.remove_token(hash),
+            Some(Ok(network)) => cache.upsert_token(hash.to_string(), network),
+            Some(Err(_)) => tracing::warn!(key, "token value is not a network id"),
+        }
+    } else {
+        tracing::warn!(payload, "unknown message on {CHANNEL}");
+    }
+    Ok(())
+}
+
+/// SCAN for keys matching `prefix*`.
+async fn scan(conn: &mut MultiplexedConnection, prefix: &str) -> anyhow::Result<Vec<String>> {
+    let mut cursor: u64 = 0;
+    let mut keys = Vec::new();
+    loop {
+        let (next, batch): (u64, Vec<String>) = timed(
+            redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{prefix}*"))
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(conn),
+        )
+        .await?;
+        keys.extend(batch);
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    keys.sort();
+    keys.dedup();
+    Ok(keys)
+}
+
+async fn hgetall_many(conn: &mut MultiplexedConnection, keys: &[String]) -> anyhow::Result<Vec<HashMap<String, String>>> {
+    let mut out = Vec::with_capacity(keys.len());
+    for chunk in keys.chunks(1000) {
+        let mut pipe = redis::pipe();
+        for k in chunk {
+            pipe.cmd("HGETALL").arg(k);
+        }
+        let part: Vec<HashMap<String, String>> = timed(pipe.query_async(conn)).await?;
+        out.extend(part);
+    }
+    Ok(out)
+}
+
+/// Read every link, offer and token.
+pub async fn load_all(conn: &mut MultiplexedConnection) -> anyhow::Result<Snapshot> {
+    let mut snap = Snapshot::default();
+    let link_keys = scan(conn, LINK_PREFIX).await?;
+    for (key, fields) in link_keys.iter().zip(hgetall_many(conn, &link_keys).await?) {
+        let slug = &key[LINK_PREFIX.len()..];
+        if fields.is_empty() {
+            continue; // deleted between SCAN and HGETALL
+        }
+        match parse_link(&fields) {
+            Ok(link) => snap.links.push((slug.into(), link)),
+            Err(reason) => tracing::warn!(key, reason, "skipping unusable link hash"),
+        }
+    }
+    let offer_keys = scan(conn, OFFER_PREFIX).await?;
+    for (key, fields) in offer_keys.iter().zip(hgetall_many(conn, &offer_keys).await?) {
+        let Ok(id) = key[OFFER_PREFIX.len()..].parse::<u64>() else {
+            tracing::warn!(key, "skipping offer key without a numeric id");
+            continue;
+        };
+        if fields.is_empty() {
+            continue;
+        }
+        match parse_offer(&fields) {
+            Ok(o) => snap.offers.push((id, o)),
+            Err(reason) => tracing::warn!(key, reason, "skipping unusable offer hash"),
+        }
+    }
+    let token_keys = scan(conn, TOKEN_PREFIX).await?;
+    for chunk in token_keys.chunks(1000) {
+        let values: Vec<Option<String>> = timed(redis::cmd("MGET").arg(chunk).query_async(conn)).await?;
+        for (key, v) in chunk.iter().zip(values) {
+            if let Some(Ok(network)) = v.as_deref().map(str::parse::<u64>) {
+                snap.tokens.push((key[TOKEN_PREFIX.len()..].to_string(), network));
+            }
+        }
+    }
+    Ok(snap)
+}
+
+fn field_u64(fields: &HashMap<String, String>, name: &str, default: Option<u64>) -> Result<u64, String> {
+    match fields.get(name).map(String::as_str) {
+        None | Some("") => default.ok_or_else(|| format!("{name} missing")),
+        Some(v) => v.parse().map_err(|_| format!("{name} `{v}` is not an integer")),
+    }
+}
+
+fn field_url(fields: &HashMap<String, String>, name: &str) -> Result<Option<Box<str>>, String> {
+    match fields.get(name).map(String::as_str) {
+        None | Some("") => Ok(None),
+        Some(u) if valid_url(u) => Ok(Some(u.into())),
+        Some(u) => Err(format!("{name} `{u}` is not an absolute http(s) URL")),
+    }
+}
+
+/// A link hash as the control plane writes it.
+pub fn parse_link(fields: &HashMap<String, String>) -> Result<Link, String> {
+    let link_id = field_u64(fields, "link_id", None)?;
+    if link_id > MAX_LINK_ID {
+        return Err(format!("link_id {link_id} is above {MAX_LINK_ID}"));
+    }
+    let destination = fields.get("destination").map(String::as_str).unwrap_or("");
+    if !valid_url(destination) {
+        return Err(format!("destination `{destination}` is not an absolute http(s) URL"));
+    }
+    let status_s = fields.get("status").map(String::as_str).unwrap_or("");
+    let status = LinkStatus::parse(status_s).ok_or_else(|| format!("status `{status_s}` unknown"))?;
+    let redirect_code = field_u64(fields, "redirect_code", Some(302))?;
+    let redirect_code = u16::try_from(redirect_code)
+        .ok()
+        .filter(|c| valid_redirect_code(*c))
+        .ok_or_else(|| format!("redirect_code {redirect_code} is not 301, 302, 307 or 308"))?;
+    Ok(Link {
+        link_id,
+        destination: Template::parse(destination),
+        status,
+        redirect_code,
+        offer_id: field_u64(fields, "offer_id", Some(0))?,
+        affiliate_id: field_u64(fields, "affiliate_id", Some(0))?,
+        network_id: field_u64(fields, "network_id", Some(0))?,
+        fallback_url: field_url(fields, "fallback_url")?,
+        version: field_u64(fields, "version", Some(0))?,
+    })
+}
+
+/// An offer hash as the control plane writes it.
+pub fn parse_offer(fields: &HashMap<String, String>) -> Result<Offer, String> {
+    let status_s = fields.get("status").map(String::as_str).unwrap_or("");
+    let status = OfferStatus::parse(status_s).ok_or_else(|| format!("status `{status_s}` unknown"))?;
+    Ok(Offer {
+        status,
+        fallback_url: field_url(fields, "fallback_url")?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn parses_a_full_link_hash() {
+        let l = parse_link(&h(&[
+            ("link_id", "9"),
+            ("destination", "https://m.example/?c={click_id}"),
+            ("status", "shadow_banned"),
+            ("redirect_code", "307"),
+            ("offer_id", "3"),
+            ("affiliate_id", "4"),
+            ("network_id", "5"),
+            ("fallback_url", "https://fb.example/"),
+            ("version", "12"),
+        ]))
+        .unwrap();
+        assert_eq!((l.link_id, l.redirect_code, l.offer_id, l.affiliate_id, l.network_id, l.version), (9, 307, 3, 4, 5, 12));
+        assert_eq!(l.status, LinkStatus::ShadowBanned);
+        assert_eq!(l.fallback_url.as_deref(), Some("https://fb.example/"));
+    }
+
+    #[test]
+    fn defaults_and_rejections() {
+        let l = parse_link(&h(&[("link_id", "1"), ("destination", "https://m.example/")])).unwrap();
+        assert_eq!((l.redirect_code, l.status), (302, LinkStatus::Active));
+        for bad in [
+            h(&[("destination", "https://m.example/")]),
+            h(&[("link_id", "x"), ("destination", "https://m.example/")]),
+            h(&[("link_id", "1"), ("destination", "nope")]),
+            h(&[("link_id", "1"), ("destination", "https://m.example/"), ("redirect_code", "200")]),
+            h(&[("link_id", "1"), ("destination", "https://m.example/"), ("status", "deleted")]),
+        ] {
+            assert!(parse_link(&bad).is_err(), "{bad:?} must be refused");
+        }
+        assert_eq!(parse_offer(&h(&[("status", "capped")])).unwrap().status, OfferStatus::Capped);
+        assert!(parse_offer(&h(&[("status", "gone")])).is_err());
+    }
+}
