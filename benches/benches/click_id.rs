@@ -21,17 +21,35 @@ fn bench(c: &mut Criterion) {
         let mut seq = 0u32;
         b.iter(|| {
             seq = seq.wrapping_add(1);
-            black_box(ClickId::mint(&keys, 3, black_box(1_763_900_000_000), 12345, seq))
+            black_box(ClickId::mint(
+                &keys,
+                3,
+                black_box(1_763_900_000_000),
+                12345,
+                seq,
+            ))
         })
     });
     g.bench_function("verify", |b| {
-        b.iter(|| black_box(ClickId::verify(black_box(&id_str), &ring, 1_763_900_000_000)))
+        b.iter(|| {
+            black_box(ClickId::verify(
+                black_box(&id_str),
+                &ring,
+                1_763_900_000_000,
+            ))
+        })
     });
     g.bench_function("baseline_unsigned_format", |b| {
         let mut seq = 0u32;
         b.iter(|| {
             seq = seq.wrapping_add(1);
-            black_box(format!("{:04x}{:012x}{:010x}{:08x}", 3u16, black_box(1_763_900_000_000u64), 12345u64, seq))
+            black_box(format!(
+                "{:04x}{:012x}{:010x}{:08x}",
+                3u16,
+                black_box(1_763_900_000_000u64),
+                12345u64,
+                seq
+            ))
         })
     });
     g.finish();

@@ -20,11 +20,20 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("postback");
     g.throughput(Throughput::Elements(1));
     g.bench_function("parse_validate", |b| {
-        b.iter(|| black_box(parse(black_box(query.as_bytes()), b"", &ring, 1_763_900_000_000)))
+        b.iter(|| {
+            black_box(parse(
+                black_box(query.as_bytes()),
+                b"",
+                &ring,
+                1_763_900_000_000,
+            ))
+        })
     });
     g.bench_function("baseline_split_to_hashmap", |b| {
         b.iter(|| {
-            let m: HashMap<String, String> = form_urlencoded::parse(black_box(query.as_bytes())).into_owned().collect();
+            let m: HashMap<String, String> = form_urlencoded::parse(black_box(query.as_bytes()))
+                .into_owned()
+                .collect();
             black_box(m)
         })
     });

@@ -26,7 +26,10 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             for _ in 0..BATCH {
                 let seq = ring.next_seq();
-                black_box(ring.append(seq, 1, 1_763_900_000_000, black_box(&payload)).expect("append"));
+                black_box(
+                    ring.append(seq, 1, 1_763_900_000_000, black_box(&payload))
+                        .expect("append"),
+                );
             }
             polled.clear();
             while polled.len() < BATCH {

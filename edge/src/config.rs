@@ -197,8 +197,13 @@ pub enum Transport {
 /// Where links come from.
 #[derive(Debug, Clone)]
 pub enum LinkSource {
-    Redis { url: String },
-    File { links: PathBuf, networks: Option<PathBuf> },
+    Redis {
+        url: String,
+    },
+    File {
+        links: PathBuf,
+        networks: Option<PathBuf>,
+    },
 }
 
 /// The checked configuration the edge runs with.
@@ -264,9 +269,9 @@ fn apply_env(table: &mut toml::Table, env: &dyn EnvSource) -> anyhow::Result<()>
         }
         let rest = rest.to_ascii_lowercase();
         let parsed = parse_env_value(&value);
-        let section = SECTIONS
-            .iter()
-            .find(|s| rest.len() > s.len() && rest.starts_with(*s) && rest.as_bytes()[s.len()] == b'_');
+        let section = SECTIONS.iter().find(|s| {
+            rest.len() > s.len() && rest.starts_with(*s) && rest.as_bytes()[s.len()] == b'_'
+        });
         match section {
             Some(section) => {
                 let key = rest[section.len() + 1..].to_string();
@@ -290,7 +295,9 @@ fn apply_env(table: &mut toml::Table, env: &dyn EnvSource) -> anyhow::Result<()>
 fn parse_env_value(value: &str) -> toml::Value {
     let probe = format!("v = {value}");
     match toml::from_str::<toml::Table>(&probe) {
-        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(value.to_string())),
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(value.to_string())),
         Err(_) => toml::Value::String(value.to_string()),
     }
 }
@@ -324,7 +331,11 @@ impl RawConfig {
             previous_secrets.push((s, p.accept_until.saturating_mul(1000)));
         }
         let listen = socket_addr("[http] listen", &self.http.listen)?;
-        let tls = match (&self.http.tls_listen, &self.http.tls_cert, &self.http.tls_key) {
+        let tls = match (
+            &self.http.tls_listen,
+            &self.http.tls_cert,
+            &self.http.tls_key,
+        ) {
             (None, _, _) => None,
             (Some(l), Some(c), Some(k)) => Some(TlsConfig {
                 listen: socket_addr("[http] tls_listen", l)?,
@@ -339,11 +350,16 @@ impl RawConfig {
         }
         let links = match (&self.links.redis_url, &self.links.file) {
             (Some(url), None) => {
-                if !(url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("unix://")) {
+                if !(url.starts_with("redis://")
+                    || url.starts_with("rediss://")
+                    || url.starts_with("unix://"))
+                {
                     bail!("[links] redis_url: `{url}` is not a redis:// URL");
                 }
                 if self.links.networks_file.is_some() {
-                    bail!("[links] networks_file: only with `file`; with Redis, tokens come from Redis");
+                    bail!(
+                        "[links] networks_file: only with `file`; with Redis, tokens come from Redis"
+                    );
                 }
                 LinkSource::Redis { url: url.clone() }
             }
@@ -417,7 +433,10 @@ mod tests {
     }
 
     fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -425,8 +444,16 @@ mod tests {
         let c = Config::from_toml(&minimal(), &env(&[])).unwrap();
         assert_eq!(c.edge_id, 7);
         assert_eq!(c.listen.port(), 8080);
-        assert_eq!(c.flush_interval, Duration::from_millis(10), "flush default is 10 ms");
-        assert_eq!(c.miss_timeout, Duration::from_millis(3), "miss timeout default is 3 ms");
+        assert_eq!(
+            c.flush_interval,
+            Duration::from_millis(10),
+            "flush default is 10 ms"
+        );
+        assert_eq!(
+            c.miss_timeout,
+            Duration::from_millis(3),
+            "miss timeout default is 3 ms"
+        );
         assert_eq!(c.transport, Transport::Udp);
         assert_eq!(c.ring_bytes, 64 << 20);
         assert!(c.metrics_listen.is_none());
@@ -485,7 +512,10 @@ mod tests {
                 .unwrap_or(&section_key)
                 .to_string();
             let first = key.split('_').next().unwrap();
-            assert!(msg.contains(first), "{k}={v}: message `{msg}` should name the key");
+            assert!(
+                msg.contains(first),
+                "{k}={v}: message `{msg}` should name the key"
+            );
         }
     }
 

@@ -48,8 +48,18 @@ pub fn report(cfg: &Config, records: bool) -> anyhow::Result<String> {
             Ok(Event::Click(c)) => {
                 clicks += 1;
                 if records {
-                    let q = if c.quarantined { "quarantined" } else if c.fallback { "fallback" } else { "-" };
-                    let _ = writeln!(lines, "{}\tclick\t{}\t{place}\t{}\t{}\t{}\t{q}\t-", r.seq, r.ts_ms, c.click_id, c.link_id, c.slug);
+                    let q = if c.quarantined {
+                        "quarantined"
+                    } else if c.fallback {
+                        "fallback"
+                    } else {
+                        "-"
+                    };
+                    let _ = writeln!(
+                        lines,
+                        "{}\tclick\t{}\t{place}\t{}\t{}\t{}\t{q}\t-",
+                        r.seq, r.ts_ms, c.click_id, c.link_id, c.slug
+                    );
                 }
             }
             Ok(Event::Postback(p)) => {
@@ -69,7 +79,11 @@ pub fn report(cfg: &Config, records: bool) -> anyhow::Result<String> {
             Err(e) => {
                 other += 1;
                 if records {
-                    let _ = writeln!(lines, "{}\tundecodable\t{}\t{place}\t{e}\t-\t-\t-\t-", r.seq, r.ts_ms);
+                    let _ = writeln!(
+                        lines,
+                        "{}\tundecodable\t{}\t{place}\t{e}\t-\t-\t-\t-",
+                        r.seq, r.ts_ms
+                    );
                 }
             }
         }

@@ -64,11 +64,10 @@ pub struct Edge {
 
 /// The key ring of a config: the current secret and the still-accepted previous ones.
 pub fn key_ring(cfg: &Config) -> KeyRing {
-    cfg.previous_secrets
-        .iter()
-        .fold(KeyRing::new(Keys::derive(&cfg.secret)), |ring, (s, until)| {
-            ring.with_previous(Keys::derive(s), *until)
-        })
+    cfg.previous_secrets.iter().fold(
+        KeyRing::new(Keys::derive(&cfg.secret)),
+        |ring, (s, until)| ring.with_previous(Keys::derive(s), *until),
+    )
 }
 
 impl Edge {
@@ -90,7 +89,11 @@ impl Edge {
             LinkSource::File { links, networks } => {
                 let snap = links::file::load(links, networks.as_deref(), keys.current())
                     .context("load links file")?;
-                tracing::info!(links = snap.links.len(), tokens = snap.tokens.len(), "links loaded from file");
+                tracing::info!(
+                    links = snap.links.len(),
+                    tokens = snap.tokens.len(),
+                    "links loaded from file"
+                );
                 cache.replace(snap);
                 None
             }
@@ -159,8 +162,13 @@ impl Edge {
                 .with_context(|| format!("bind [metrics] listen {m}"))?;
             metrics_addr = Some(l.local_addr()?);
             let app = app.clone();
-            let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || render_metrics(&app));
-            background.push(tokio::spawn(http::serve_metrics(l, render, shutdown_rx.clone())));
+            let render: Arc<dyn Fn() -> String + Send + Sync> =
+                Arc::new(move || render_metrics(&app));
+            background.push(tokio::spawn(http::serve_metrics(
+                l,
+                render,
+                shutdown_rx.clone(),
+            )));
         }
 
         Ok(Edge {
@@ -205,37 +213,119 @@ pub fn render_metrics(app: &App) -> String {
     let mut out = String::with_capacity(8192);
     app.metrics.render_requests(&mut out);
     let s = app.ring.stats();
-    gauge(&mut out, "affgate_edge_ring_capacity_bytes", "Ring data capacity.", s.capacity_bytes as f64);
-    gauge(&mut out, "affgate_edge_ring_used_bytes", "Ring bytes held by unfreed records.", s.used_bytes as f64);
+    gauge(
+        &mut out,
+        "affgate_edge_ring_capacity_bytes",
+        "Ring data capacity.",
+        s.capacity_bytes as f64,
+    );
+    gauge(
+        &mut out,
+        "affgate_edge_ring_used_bytes",
+        "Ring bytes held by unfreed records.",
+        s.used_bytes as f64,
+    );
     gauge(
         &mut out,
         "affgate_edge_ring_fill_ratio",
         "Used over capacity.",
-        if s.capacity_bytes > 0 { s.used_bytes as f64 / s.capacity_bytes as f64 } else { 0.0 },
+        if s.capacity_bytes > 0 {
+            s.used_bytes as f64 / s.capacity_bytes as f64
+        } else {
+            0.0
+        },
     );
-    gauge(&mut out, "affgate_edge_ring_unacked_records", "Records in the ring not yet acknowledged.", s.unacked_records as f64);
-    gauge(&mut out, "affgate_edge_spill_records", "Spilled records not yet acknowledged.", s.spilled_records as f64);
-    gauge(&mut out, "affgate_edge_spill_bytes", "Bytes in spill files.", s.spill_bytes as f64);
-    counter(&mut out, "affgate_edge_spilled_records_total", "Records written to spill files since start.", s.spilled_total);
+    gauge(
+        &mut out,
+        "affgate_edge_ring_unacked_records",
+        "Records in the ring not yet acknowledged.",
+        s.unacked_records as f64,
+    );
+    gauge(
+        &mut out,
+        "affgate_edge_spill_records",
+        "Spilled records not yet acknowledged.",
+        s.spilled_records as f64,
+    );
+    gauge(
+        &mut out,
+        "affgate_edge_spill_bytes",
+        "Bytes in spill files.",
+        s.spill_bytes as f64,
+    );
+    counter(
+        &mut out,
+        "affgate_edge_spilled_records_total",
+        "Records written to spill files since start.",
+        s.spilled_total,
+    );
     let lag = s
         .oldest_unacked_ts_ms
         .map(|ts| http::now_ms().saturating_sub(ts) as f64 / 1e3)
         .unwrap_or(0.0);
-    gauge(&mut out, "affgate_edge_delivery_lag_seconds", "Age of the oldest unacknowledged record.", lag);
+    gauge(
+        &mut out,
+        "affgate_edge_delivery_lag_seconds",
+        "Age of the oldest unacknowledged record.",
+        lag,
+    );
     let c = app.links.counts();
-    gauge(&mut out, "affgate_edge_links_loaded", "Links in the cache.", c.links as f64);
-    gauge(&mut out, "affgate_edge_offers_loaded", "Offers in the cache.", c.offers as f64);
-    gauge(&mut out, "affgate_edge_tokens_loaded", "Postback tokens in the cache.", c.tokens as f64);
-    counter(&mut out, "affgate_edge_links_reloads_total", "Full link loads that succeeded.", c.reloads_ok);
-    counter(&mut out, "affgate_edge_links_reload_failures_total", "Full link loads that failed (old links kept).", c.reloads_failed);
+    gauge(
+        &mut out,
+        "affgate_edge_links_loaded",
+        "Links in the cache.",
+        c.links as f64,
+    );
+    gauge(
+        &mut out,
+        "affgate_edge_offers_loaded",
+        "Offers in the cache.",
+        c.offers as f64,
+    );
+    gauge(
+        &mut out,
+        "affgate_edge_tokens_loaded",
+        "Postback tokens in the cache.",
+        c.tokens as f64,
+    );
+    counter(
+        &mut out,
+        "affgate_edge_links_reloads_total",
+        "Full link loads that succeeded.",
+        c.reloads_ok,
+    );
+    counter(
+        &mut out,
+        "affgate_edge_links_reload_failures_total",
+        "Full link loads that failed (old links kept).",
+        c.reloads_failed,
+    );
     if let Some(r) = &app.redis {
         let rc = r.counts();
-        gauge(&mut out, "affgate_edge_redis_up", "1 while the Redis subscription is live.", if rc.up { 1.0 } else { 0.0 });
-        counter(&mut out, "affgate_edge_redis_errors_total", "Redis commands or sessions that failed.", rc.errors);
-        out.push_str("# HELP affgate_edge_link_misses_total Cache misses looked up in Redis, by outcome.\n");
+        gauge(
+            &mut out,
+            "affgate_edge_redis_up",
+            "1 while the Redis subscription is live.",
+            if rc.up { 1.0 } else { 0.0 },
+        );
+        counter(
+            &mut out,
+            "affgate_edge_redis_errors_total",
+            "Redis commands or sessions that failed.",
+            rc.errors,
+        );
+        out.push_str(
+            "# HELP affgate_edge_link_misses_total Cache misses looked up in Redis, by outcome.\n",
+        );
         out.push_str("# TYPE affgate_edge_link_misses_total counter\n");
-        for (outcome, n) in [("found", rc.miss_found), ("not_found", rc.miss_not_found), ("unreachable", rc.miss_unreachable)] {
-            out.push_str(&format!("affgate_edge_link_misses_total{{outcome=\"{outcome}\"}} {n}\n"));
+        for (outcome, n) in [
+            ("found", rc.miss_found),
+            ("not_found", rc.miss_not_found),
+            ("unreachable", rc.miss_unreachable),
+        ] {
+            out.push_str(&format!(
+                "affgate_edge_link_misses_total{{outcome=\"{outcome}\"}} {n}\n"
+            ));
         }
     }
     out

@@ -73,7 +73,12 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
     let cfg = load(&cli)?;
     match cli.command.unwrap_or(Command::Run) {
         Command::CheckConfig => {
-            println!("config ok: edge_id={} listen={} ring={}", cfg.edge_id, cfg.listen, cfg.ring_path.display());
+            println!(
+                "config ok: edge_id={} listen={} ring={}",
+                cfg.edge_id,
+                cfg.listen,
+                cfg.ring_path.display()
+            );
             Ok(())
         }
         Command::Ring {
@@ -96,7 +101,10 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
 /// SIGTERM or SIGINT.
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(mut term), Ok(mut int)) => {
             tokio::select! {
                 _ = term.recv() => {}

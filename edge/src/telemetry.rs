@@ -26,7 +26,9 @@ const ROUTES: [(Route, &str); 4] = [
 ];
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 /// Latency bucket upper bounds, microseconds.
-const BUCKETS_US: [u64; 12] = [25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 100_000, 1_000_000];
+const BUCKETS_US: [u64; 12] = [
+    25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 100_000, 1_000_000,
+];
 const SHARDS: usize = 32;
 
 #[repr(align(128))]
@@ -94,7 +96,10 @@ impl Metrics {
         let class = usize::from(status / 100).clamp(1, 5) - 1;
         s.requests[r][class].fetch_add(1, Ordering::Relaxed);
         let us = elapsed.as_micros() as u64;
-        let b = BUCKETS_US.iter().position(|&ub| us <= ub).unwrap_or(BUCKETS_US.len());
+        let b = BUCKETS_US
+            .iter()
+            .position(|&ub| us <= ub)
+            .unwrap_or(BUCKETS_US.len());
         s.latency[r][b].fetch_add(1, Ordering::Relaxed);
         s.latency_sum_ns[r].fetch_add(elapsed.as_nanos() as u64, Ordering::Relaxed);
     }
@@ -118,7 +123,10 @@ impl Metrics {
         for (route, name) in ROUTES {
             for (c, class) in CLASSES.iter().enumerate() {
                 let n = self.sum(|s| s.requests[route as usize][c].load(Ordering::Relaxed));
-                let _ = writeln!(out, "affgate_edge_http_requests_total{{route=\"{name}\",status=\"{class}\"}} {n}");
+                let _ = writeln!(
+                    out,
+                    "affgate_edge_http_requests_total{{route=\"{name}\",status=\"{class}\"}} {n}"
+                );
             }
         }
         out.push_str("# HELP affgate_edge_http_request_duration_seconds Time from request parsed to response ready.\n");
@@ -129,13 +137,26 @@ impl Metrics {
             for (b, ub) in BUCKETS_US.iter().enumerate() {
                 cumulative += self.sum(|s| s.latency[r][b].load(Ordering::Relaxed));
                 let le = *ub as f64 / 1e6;
-                let _ = writeln!(out, "affgate_edge_http_request_duration_seconds_bucket{{route=\"{name}\",le=\"{le}\"}} {cumulative}");
+                let _ = writeln!(
+                    out,
+                    "affgate_edge_http_request_duration_seconds_bucket{{route=\"{name}\",le=\"{le}\"}} {cumulative}"
+                );
             }
             cumulative += self.sum(|s| s.latency[r][BUCKETS_US.len()].load(Ordering::Relaxed));
-            let _ = writeln!(out, "affgate_edge_http_request_duration_seconds_bucket{{route=\"{name}\",le=\"+Inf\"}} {cumulative}");
+            let _ = writeln!(
+                out,
+                "affgate_edge_http_request_duration_seconds_bucket{{route=\"{name}\",le=\"+Inf\"}} {cumulative}"
+            );
             let sum_ns = self.sum(|s| s.latency_sum_ns[r].load(Ordering::Relaxed));
-            let _ = writeln!(out, "affgate_edge_http_request_duration_seconds_sum{{route=\"{name}\"}} {}", sum_ns as f64 / 1e9);
-            let _ = writeln!(out, "affgate_edge_http_request_duration_seconds_count{{route=\"{name}\"}} {cumulative}");
+            let _ = writeln!(
+                out,
+                "affgate_edge_http_request_duration_seconds_sum{{route=\"{name}\"}} {}",
+                sum_ns as f64 / 1e9
+            );
+            let _ = writeln!(
+                out,
+                "affgate_edge_http_request_duration_seconds_count{{route=\"{name}\"}} {cumulative}"
+            );
         }
         counter(
             out,
@@ -153,18 +174,29 @@ impl Metrics {
 
     /// Total requests of a route, all statuses (for tests and `ring inspect` cross-checks).
     pub fn requests(&self, route: Route) -> u64 {
-        self.sum(|s| s.requests[route as usize].iter().map(|a| a.load(Ordering::Relaxed)).sum())
+        self.sum(|s| {
+            s.requests[route as usize]
+                .iter()
+                .map(|a| a.load(Ordering::Relaxed))
+                .sum()
+        })
     }
 }
 
 /// Append one counter with its HELP and TYPE lines.
 pub fn counter(out: &mut String, name: &str, help: &str, value: u64) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+    );
 }
 
 /// Append one gauge with its HELP and TYPE lines.
 pub fn gauge(out: &mut String, name: &str, help: &str, value: f64) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+    );
 }
 
 /// Start `tracing` to stderr; `AFFGATE_LOG` (or `RUST_LOG`) filters, default `info`.
@@ -201,7 +233,10 @@ mod tests {
         assert_eq!(m.requests(Route::Click), 8000);
         let mut out = String::new();
         m.render_requests(&mut out);
-        assert!(out.contains("affgate_edge_http_requests_total{route=\"click\",status=\"3xx\"} 8000"), "{out}");
+        assert!(
+            out.contains("affgate_edge_http_requests_total{route=\"click\",status=\"3xx\"} 8000"),
+            "{out}"
+        );
         assert!(out.contains("affgate_edge_http_request_duration_seconds_bucket{route=\"click\",le=\"0.00005\"} 8000"), "{out}");
         assert!(out.contains("affgate_edge_http_request_duration_seconds_bucket{route=\"click\",le=\"0.000025\"} 0"), "{out}");
     }

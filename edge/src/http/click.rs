@@ -19,9 +19,9 @@ use http::{Method, Request, StatusCode};
 use http_body_util::Full;
 
 use super::{App, Body, X_REQUEST_ID, method_not_allowed, now_ms, response, text};
+use crate::KIND_CLICK;
 use crate::links::redis::Miss;
 use crate::links::{Link, LinkStatus, Macros, OfferState, valid_slug};
-use crate::KIND_CLICK;
 
 /// Longest sub value kept, bytes.
 pub const MAX_SUB: usize = 256;
@@ -86,7 +86,11 @@ pub fn subs_from_query(query: Option<&str>) -> [Cow<'_, str>; 5] {
     subs
 }
 
-fn header_str<'a>(req: &'a Request<hyper::body::Incoming>, name: http::header::HeaderName, max: usize) -> Cow<'a, str> {
+fn header_str<'a>(
+    req: &'a Request<hyper::body::Incoming>,
+    name: http::header::HeaderName,
+    max: usize,
+) -> Cow<'a, str> {
     match req.headers().get(name) {
         Some(v) => truncate_cow(String::from_utf8_lossy(v.as_bytes()), max),
         None => Cow::Borrowed(""),
@@ -95,15 +99,14 @@ fn header_str<'a>(req: &'a Request<hyper::body::Incoming>, name: http::header::H
 
 /// The visitor's address: the peer, or the first `X-Forwarded-For` entry behind a trusted proxy.
 pub fn client_ip(headers: &http::HeaderMap, peer: SocketAddr, trust_forwarded_for: bool) -> IpAddr {
-    if trust_forwarded_for {
-        if let Some(ip) = headers
+    if trust_forwarded_for
+        && let Some(ip) = headers
             .get("x-forwarded-for")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.split(',').next())
             .and_then(|v| v.trim().parse::<IpAddr>().ok())
-        {
-            return ip;
-        }
+    {
+        return ip;
     }
     peer.ip()
 }
@@ -114,12 +117,21 @@ enum Target<'l> {
     Fallback(Cow<'l, str>),
 }
 
-pub async fn handle(app: &App, req: &Request<hyper::body::Incoming>, slug: &str, peer: SocketAddr) -> hyper::Response<Body> {
+pub async fn handle(
+    app: &App,
+    req: &Request<hyper::body::Incoming>,
+    slug: &str,
+    peer: SocketAddr,
+) -> hyper::Response<Body> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return method_not_allowed(app.request_id(req.headers()), "GET, HEAD");
     }
     if !valid_slug(slug) {
-        return text(StatusCode::NOT_FOUND, app.request_id(req.headers()), "unknown link");
+        return text(
+            StatusCode::NOT_FOUND,
+            app.request_id(req.headers()),
+            "unknown link",
+        );
     }
     let click = ClickRequest {
         slug,
@@ -129,7 +141,10 @@ pub async fn handle(app: &App, req: &Request<hyper::body::Incoming>, slug: &str,
         subs: subs_from_query(req.uri().query()),
     };
     let client_rid = req.headers().get(&X_REQUEST_ID);
-    if let Some(r) = app.links.with_link(slug, |link| serve_link(app, Some(link), &click, client_rid)) {
+    if let Some(r) = app
+        .links
+        .with_link(slug, |link| serve_link(app, Some(link), &click, client_rid))
+    {
         return r;
     }
     // Miss: one bounded Redis lookup, then 404 or the fallback.
@@ -139,18 +154,34 @@ pub async fn handle(app: &App, req: &Request<hyper::body::Incoming>, slug: &str,
     };
     match miss {
         Miss::Found => {
-            if let Some(r) = app.links.with_link(slug, |link| serve_link(app, Some(link), &click, client_rid)) {
+            if let Some(r) = app
+                .links
+                .with_link(slug, |link| serve_link(app, Some(link), &click, client_rid))
+            {
                 return r;
             }
-            text(StatusCode::NOT_FOUND, app.request_id(req.headers()), "unknown link")
+            text(
+                StatusCode::NOT_FOUND,
+                app.request_id(req.headers()),
+                "unknown link",
+            )
         }
-        Miss::NotFound => text(StatusCode::NOT_FOUND, app.request_id(req.headers()), "unknown link"),
+        Miss::NotFound => text(
+            StatusCode::NOT_FOUND,
+            app.request_id(req.headers()),
+            "unknown link",
+        ),
         Miss::Unreachable => serve_link(app, None, &click, client_rid),
     }
 }
 
 /// Decide, record, answer. `link` None: unknown slug while Redis is unreachable.
-pub fn serve_link(app: &App, link: Option<&Link>, click: &ClickRequest<'_>, client_rid: Option<&HeaderValue>) -> hyper::Response<Body> {
+pub fn serve_link(
+    app: &App,
+    link: Option<&Link>,
+    click: &ClickRequest<'_>,
+    client_rid: Option<&HeaderValue>,
+) -> hyper::Response<Body> {
     let (target, quarantined) = match link {
         Some(l) => {
             let (offer_state, offer_fallback) = app.links.offer(l.offer_id);
@@ -163,7 +194,11 @@ pub fn serve_link(app: &App, link: Option<&Link>, click: &ClickRequest<'_>, clie
                 match url {
                     Some(u) => (Target::Fallback(u), false),
                     None => {
-                        return text(StatusCode::NOT_FOUND, rid_or_fresh(app, client_rid), "link paused and no fallback configured");
+                        return text(
+                            StatusCode::NOT_FOUND,
+                            rid_or_fresh(app, client_rid),
+                            "link paused and no fallback configured",
+                        );
                     }
                 }
             } else {
@@ -172,18 +207,31 @@ pub fn serve_link(app: &App, link: Option<&Link>, click: &ClickRequest<'_>, clie
         }
         None => match app.fallback_url.as_deref() {
             Some(u) => (Target::Fallback(Cow::Borrowed(u)), false),
-            None => return text(StatusCode::NOT_FOUND, rid_or_fresh(app, client_rid), "unknown link"),
+            None => {
+                return text(
+                    StatusCode::NOT_FOUND,
+                    rid_or_fresh(app, client_rid),
+                    "unknown link",
+                );
+            }
         },
     };
-    let (link_id, offer_id, affiliate_id) = link.map(|l| (l.link_id, l.offer_id, l.affiliate_id)).unwrap_or((0, 0, 0));
+    let (link_id, offer_id, affiliate_id) = link
+        .map(|l| (l.link_id, l.offer_id, l.affiliate_id))
+        .unwrap_or((0, 0, 0));
     let ts_ms = now_ms();
     let seq = app.ring.next_seq();
-    let click_id = match ClickId::mint(app.keys.current(), app.edge_id, ts_ms, link_id, seq as u32) {
+    let click_id = match ClickId::mint(app.keys.current(), app.edge_id, ts_ms, link_id, seq as u32)
+    {
         Ok(c) => c,
         Err(e) => {
             // Loaders refuse link ids above MAX_LINK_ID, so this is a bug, not input.
             tracing::error!(link_id, error = %e, "cannot mint click id");
-            return text(StatusCode::NOT_FOUND, rid_or_fresh(app, client_rid), "unknown link");
+            return text(
+                StatusCode::NOT_FOUND,
+                rid_or_fresh(app, client_rid),
+                "unknown link",
+            );
         }
     };
     let fallback = matches!(target, Target::Fallback(_));
@@ -198,7 +246,13 @@ pub fn serve_link(app: &App, link: Option<&Link>, click: &ClickRequest<'_>, clie
         ip: click.ip,
         user_agent: &click.user_agent,
         referer: &click.referer,
-        subs: [&click.subs[0], &click.subs[1], &click.subs[2], &click.subs[3], &click.subs[4]],
+        subs: [
+            &click.subs[0],
+            &click.subs[1],
+            &click.subs[2],
+            &click.subs[3],
+            &click.subs[4],
+        ],
         quarantined,
         fallback,
     };
@@ -290,11 +344,21 @@ mod tests {
     #[test]
     fn forwarded_for_only_when_trusted() {
         let mut h = http::HeaderMap::new();
-        h.insert("x-forwarded-for", HeaderValue::from_static("203.0.113.9, 10.0.0.1"));
+        h.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("203.0.113.9, 10.0.0.1"),
+        );
         let peer: SocketAddr = "127.0.0.1:5000".parse().unwrap();
         assert_eq!(client_ip(&h, peer, false), peer.ip());
-        assert_eq!(client_ip(&h, peer, true), "203.0.113.9".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            client_ip(&h, peer, true),
+            "203.0.113.9".parse::<IpAddr>().unwrap()
+        );
         h.insert("x-forwarded-for", HeaderValue::from_static("garbage"));
-        assert_eq!(client_ip(&h, peer, true), peer.ip(), "unparsable header falls back to the peer");
+        assert_eq!(
+            client_ip(&h, peer, true),
+            peer.ip(),
+            "unparsable header falls back to the peer"
+        );
     }
 }

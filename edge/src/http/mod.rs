@@ -117,12 +117,21 @@ impl App {
             c.set((t, n + 1));
             (t, n)
         });
-        let s = format!("{:012x}-{:x}-{:x}", self.boot_nonce & 0xffff_ffff_ffff, thread, n);
+        let s = format!(
+            "{:012x}-{:x}-{:x}",
+            self.boot_nonce & 0xffff_ffff_ffff,
+            thread,
+            n
+        );
         HeaderValue::from_str(&s).unwrap_or_else(|_| HeaderValue::from_static("-"))
     }
 
     /// Route one request.
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Response<Body> {
         let started = Instant::now();
         let path = req.uri().path();
         let route = if path.starts_with("/c/") {
@@ -146,7 +155,8 @@ impl App {
                 text(StatusCode::NOT_FOUND, rid, "not found")
             }
         };
-        self.metrics.record(route, resp.status().as_u16(), started.elapsed());
+        self.metrics
+            .record(route, resp.status().as_u16(), started.elapsed());
         resp
     }
 
@@ -175,12 +185,18 @@ impl App {
 
 pub fn method_not_allowed(rid: HeaderValue, allow: &'static str) -> Response<Body> {
     let mut r = text(StatusCode::METHOD_NOT_ALLOWED, rid, "method not allowed");
-    r.headers_mut().insert(http::header::ALLOW, HeaderValue::from_static(allow));
+    r.headers_mut()
+        .insert(http::header::ALLOW, HeaderValue::from_static(allow));
     r
 }
 
 /// Accept plain HTTP/1.1 connections (keep-alive) until shutdown.
-pub async fn serve_plain(listener: TcpListener, app: Arc<App>, mut shutdown: watch::Receiver<bool>, graceful: Arc<GracefulShutdown>) {
+pub async fn serve_plain(
+    listener: TcpListener,
+    app: Arc<App>,
+    mut shutdown: watch::Receiver<bool>,
+    graceful: Arc<GracefulShutdown>,
+) {
     let mut http = hyper::server::conn::http1::Builder::new();
     http.keep_alive(true).max_buf_size(64 * 1024);
     loop {
@@ -213,7 +229,11 @@ pub async fn serve_plain(listener: TcpListener, app: Arc<App>, mut shutdown: wat
 }
 
 /// Prometheus `/metrics` on its own listener.
-pub async fn serve_metrics(listener: TcpListener, render: Arc<dyn Fn() -> String + Send + Sync>, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve_metrics(
+    listener: TcpListener,
+    render: Arc<dyn Fn() -> String + Send + Sync>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
         let (stream, _) = tokio::select! {
             r = listener.accept() => match r { Ok(c) => c, Err(_) => continue },
@@ -225,8 +245,10 @@ pub async fn serve_metrics(listener: TcpListener, render: Arc<dyn Fn() -> String
             async move {
                 let mut r = if req.uri().path() == "/metrics" {
                     let mut r = Response::new(Full::new(Bytes::from(render())));
-                    r.headers_mut()
-                        .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+                    r.headers_mut().insert(
+                        CONTENT_TYPE,
+                        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                    );
                     r
                 } else {
                     Response::new(Full::new(Bytes::from_static(b"not found\n")))

@@ -57,7 +57,9 @@ enum Field {
     Token = 6,
 }
 
-const FIELD_NAMES: [&str; 7] = ["click_id", "txid", "event", "status", "payout", "currency", "token"];
+const FIELD_NAMES: [&str; 7] = [
+    "click_id", "txid", "event", "status", "payout", "currency", "token",
+];
 
 fn field_of(name: &str) -> Option<Field> {
     Some(match name {
@@ -97,7 +99,10 @@ fn gather<'a>(sources: &[&'a [u8]]) -> Result<[Option<Cow<'a, str>>; 7], String>
             let slot = &mut fields[f as usize];
             match slot {
                 Some(existing) if *existing != v => {
-                    return Err(format!("{}: given twice with different values", FIELD_NAMES[f as usize]));
+                    return Err(format!(
+                        "{}: given twice with different values",
+                        FIELD_NAMES[f as usize]
+                    ));
                 }
                 Some(_) => {}
                 None => *slot = Some(v),
@@ -108,13 +113,21 @@ fn gather<'a>(sources: &[&'a [u8]]) -> Result<[Option<Cow<'a, str>>; 7], String>
 }
 
 /// Parse and validate everything but the token. Err is the 400 reason.
-pub fn parse<'a>(query: &'a [u8], body: &'a [u8], keys: &KeyRing, now_ms: u64) -> Result<Params<'a>, String> {
+pub fn parse<'a>(
+    query: &'a [u8],
+    body: &'a [u8],
+    keys: &KeyRing,
+    now_ms: u64,
+) -> Result<Params<'a>, String> {
     let [click_id, txid, event, status, payout, currency, token] = gather(&[query, body])?;
     let click_id = click_id.ok_or("click_id: missing")?;
-    let (click_id, _fields) = ClickId::verify(&click_id, keys, now_ms).map_err(|e| format!("click_id: {e}"))?;
+    let (click_id, _fields) =
+        ClickId::verify(&click_id, keys, now_ms).map_err(|e| format!("click_id: {e}"))?;
     let txid = txid.unwrap_or(Cow::Borrowed(""));
     if txid.len() > MAX_TXID || txid.chars().any(char::is_control) {
-        return Err(format!("txid: at most {MAX_TXID} bytes, no control characters"));
+        return Err(format!(
+            "txid: at most {MAX_TXID} bytes, no control characters"
+        ));
     }
     let event = event.unwrap_or(Cow::Borrowed("conversion"));
     if event.len() > MAX_EVENT
@@ -126,7 +139,9 @@ pub fn parse<'a>(query: &'a [u8], body: &'a [u8], keys: &KeyRing, now_ms: u64) -
     }
     let status = match status {
         None => Status::Approved,
-        Some(s) => Status::parse(&s).ok_or("status: must be approved, pending, rejected or reversed")?,
+        Some(s) => {
+            Status::parse(&s).ok_or("status: must be approved, pending, rejected or reversed")?
+        }
     };
     let payout_micros = match payout {
         None => None,
@@ -139,7 +154,11 @@ pub fn parse<'a>(query: &'a [u8], body: &'a [u8], keys: &KeyRing, now_ms: u64) -
             if b.len() != 3 || !b.iter().all(u8::is_ascii_alphabetic) {
                 return Err("currency: must be a 3-letter ISO 4217 code".into());
             }
-            [b[0].to_ascii_uppercase(), b[1].to_ascii_uppercase(), b[2].to_ascii_uppercase()]
+            [
+                b[0].to_ascii_uppercase(),
+                b[1].to_ascii_uppercase(),
+                b[2].to_ascii_uppercase(),
+            ]
         }
     };
     Ok(Params {
@@ -194,7 +213,10 @@ pub async fn handle(app: &App, req: hyper::Request<Incoming>) -> hyper::Response
     let Some(token) = params.token.as_deref() else {
         return text(StatusCode::FORBIDDEN, rid, "token: missing");
     };
-    let Some(network_id) = app.links.network_for_token_hash(&token_hash(app.keys.current(), token)) else {
+    let Some(network_id) = app
+        .links
+        .network_for_token_hash(&token_hash(app.keys.current(), token))
+    else {
         return text(StatusCode::FORBIDDEN, rid, "token: not recognised");
     };
     let currency = std::str::from_utf8(&params.currency).unwrap_or("USD");
@@ -225,7 +247,11 @@ pub async fn handle(app: &App, req: hyper::Request<Incoming>) -> hyper::Response
             app.ring_ok.store(false, Ordering::Relaxed);
             app.metrics.append_error();
             tracing::error!(error = %e, "postback not stored: ring and spill failed; answering 503 so the network retries");
-            text(StatusCode::SERVICE_UNAVAILABLE, rid, "not stored, retry later")
+            text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                rid,
+                "not stored, retry later",
+            )
         }
     }
 }
@@ -240,7 +266,10 @@ mod tests {
     }
 
     fn cid() -> String {
-        ClickId::mint(ring().current(), 3, 1_700_000_000_000, 42, 7).unwrap().as_str().to_string()
+        ClickId::mint(ring().current(), 3, 1_700_000_000_000, 42, 7)
+            .unwrap()
+            .as_str()
+            .to_string()
     }
 
     fn p(q: &str) -> Result<Params<'_>, String> {
@@ -261,7 +290,10 @@ mod tests {
 
     #[test]
     fn aliases_map_to_fields() {
-        let q = format!("subid={}&order_id=T1&revenue=12.5&currency=eur&status=Pending&security_token=s", cid());
+        let q = format!(
+            "subid={}&order_id=T1&revenue=12.5&currency=eur&status=Pending&security_token=s",
+            cid()
+        );
         let v = p(&q).unwrap();
         assert_eq!(v.txid, "T1");
         assert_eq!(v.payout_micros, Some(12_500_000));
@@ -284,7 +316,10 @@ mod tests {
         let cases = [
             ("token=x".to_string(), "click_id"),
             (format!("click_id={}x", c), "click_id"),
-            ("click_id=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA".to_string(), "click_id"),
+            (
+                "click_id=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA".to_string(),
+                "click_id",
+            ),
             (format!("click_id={c}&cid=other"), "click_id"),
             (format!("click_id={c}&payout=1&amount=2"), "payout"),
             (format!("click_id={c}&payout=abc"), "payout"),
@@ -294,12 +329,18 @@ mod tests {
             (format!("click_id={c}&currency=EURO"), "currency"),
             (format!("click_id={c}&currency=E1R"), "currency"),
             (format!("click_id={c}&event=a%20b"), "event"),
-            (format!("click_id={c}&txid={}", "x".repeat(MAX_TXID + 1)), "txid"),
+            (
+                format!("click_id={c}&txid={}", "x".repeat(MAX_TXID + 1)),
+                "txid",
+            ),
             (format!("click_id={c}&txid=a%0Ab"), "txid"),
         ];
         for (q, field) in cases {
             let err = p(&q).unwrap_err();
-            assert!(err.starts_with(&format!("{field}:")), "{q}: `{err}` should name {field}");
+            assert!(
+                err.starts_with(&format!("{field}:")),
+                "{q}: `{err}` should name {field}"
+            );
             assert!(!err.contains('\n'), "one line");
         }
     }

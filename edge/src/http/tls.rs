@@ -25,7 +25,8 @@ pub fn server_config(cert: &Path, key: &Path) -> anyhow::Result<Arc<rustls::Serv
     if certs.is_empty() {
         anyhow::bail!("tls_cert {}: no certificate found", cert.display());
     }
-    let key = PrivateKeyDer::from_pem_file(key).with_context(|| format!("read tls_key {}", key.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key)
+        .with_context(|| format!("read tls_key {}", key.display()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -46,7 +47,9 @@ pub async fn serve_tls(
     graceful: Arc<GracefulShutdown>,
 ) {
     let acceptor = TlsAcceptor::from(cfg);
-    let builder = Arc::new(hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()));
+    let builder = Arc::new(hyper_util::server::conn::auto::Builder::new(
+        TokioExecutor::new(),
+    ));
     loop {
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -65,7 +68,12 @@ pub async fn serve_tls(
         let builder = builder.clone();
         let graceful = graceful.clone();
         tokio::spawn(async move {
-            let tls = match tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(stream)).await {
+            let tls = match tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                acceptor.accept(stream),
+            )
+            .await
+            {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
                     tracing::debug!(error = %e, "tls handshake failed");
@@ -77,7 +85,9 @@ pub async fn serve_tls(
                 let app = app.clone();
                 async move { Ok::<_, Infallible>(app.handle(req, peer).await) }
             });
-            let conn = builder.serve_connection(TokioIo::new(tls), svc).into_owned();
+            let conn = builder
+                .serve_connection(TokioIo::new(tls), svc)
+                .into_owned();
             let conn = graceful.watch(conn);
             // Only the accept loops may hold the tracker once a connection is watched.
             drop(graceful);

@@ -111,14 +111,24 @@ fn columns(
 }
 
 fn parse_id(path: &Path, line: u64, name: &str, v: &str) -> Result<u64, FileError> {
-    v.parse::<u64>()
-        .map_err(|_| line_err(path, line, format!("{name} `{v}` is not a non-negative integer")))
+    v.parse::<u64>().map_err(|_| {
+        line_err(
+            path,
+            line,
+            format!("{name} `{v}` is not a non-negative integer"),
+        )
+    })
 }
 
 fn load_links(path: &Path) -> Result<Vec<(Box<str>, Link)>, FileError> {
     let text = read(path)?;
     let mut rdr = reader(&text);
-    let cols = columns(path, &mut rdr, LINK_COLUMNS, &["slug", "link_id", "destination"])?;
+    let cols = columns(
+        path,
+        &mut rdr,
+        LINK_COLUMNS,
+        &["slug", "link_id", "destination"],
+    )?;
     let mut seen = HashSet::new();
     let mut out = Vec::new();
     for rec in rdr.records() {
@@ -130,25 +140,45 @@ fn load_links(path: &Path) -> Result<Vec<(Box<str>, Link)>, FileError> {
         let get = |k: usize| cols[k].and_then(|i| rec.get(i)).unwrap_or("");
         let slug = get(0);
         if !valid_slug(slug) {
-            return Err(line_err(path, line, format!("slug `{slug}` must be 1-128 of A-Z a-z 0-9 - _ .")));
+            return Err(line_err(
+                path,
+                line,
+                format!("slug `{slug}` must be 1-128 of A-Z a-z 0-9 - _ ."),
+            ));
         }
         if !seen.insert(slug.to_string()) {
             return Err(line_err(path, line, format!("slug `{slug}` appears twice")));
         }
         let link_id = parse_id(path, line, "link_id", get(1))?;
         if link_id > MAX_LINK_ID {
-            return Err(line_err(path, line, format!("link_id {link_id} is above {MAX_LINK_ID}")));
+            return Err(line_err(
+                path,
+                line,
+                format!("link_id {link_id} is above {MAX_LINK_ID}"),
+            ));
         }
         let destination = get(2);
         if !valid_url(destination) {
-            return Err(line_err(path, line, format!("destination `{destination}` is not an absolute http(s) URL")));
+            return Err(line_err(
+                path,
+                line,
+                format!("destination `{destination}` is not an absolute http(s) URL"),
+            ));
         }
         let unknown = Template::unknown_macros(destination);
         if !unknown.is_empty() {
-            return Err(line_err(path, line, format!("destination has unknown macro {{{}}}", unknown[0])));
+            return Err(line_err(
+                path,
+                line,
+                format!("destination has unknown macro {{{}}}", unknown[0]),
+            ));
         }
         let status = LinkStatus::parse(get(3)).ok_or_else(|| {
-            line_err(path, line, format!("status `{}` is not active, paused or shadow_banned", get(3)))
+            line_err(
+                path,
+                line,
+                format!("status `{}` is not active, paused or shadow_banned", get(3)),
+            )
         })?;
         let redirect_code = match get(4) {
             "" => 302,
@@ -156,7 +186,13 @@ fn load_links(path: &Path) -> Result<Vec<(Box<str>, Link)>, FileError> {
                 .parse::<u16>()
                 .ok()
                 .filter(|c| valid_redirect_code(*c))
-                .ok_or_else(|| line_err(path, line, format!("redirect_code `{v}` is not 301, 302, 307 or 308")))?,
+                .ok_or_else(|| {
+                    line_err(
+                        path,
+                        line,
+                        format!("redirect_code `{v}` is not 301, 302, 307 or 308"),
+                    )
+                })?,
         };
         let offer_id = match get(5) {
             "" => 0,
@@ -200,11 +236,19 @@ fn load_networks(path: &Path, keys: &Keys) -> Result<Vec<(String, u64)>, FileErr
         let get = |k: usize| cols[k].and_then(|i| rec.get(i)).unwrap_or("");
         let id = parse_id(path, line, "network_id", get(0))?;
         if !seen_ids.insert(id) {
-            return Err(line_err(path, line, format!("network_id {id} appears twice")));
+            return Err(line_err(
+                path,
+                line,
+                format!("network_id {id} appears twice"),
+            ));
         }
         let token = get(2);
         if token.len() < 8 || token.len() > 256 || token.bytes().any(|b| !b.is_ascii_graphic()) {
-            return Err(line_err(path, line, "postback_token must be 8-256 printable ASCII characters"));
+            return Err(line_err(
+                path,
+                line,
+                "postback_token must be 8-256 printable ASCII characters",
+            ));
         }
         out.push((token_hash(keys, token), id));
     }
@@ -252,13 +296,34 @@ mod tests {
     fn errors_carry_the_line_number() {
         let d = tempfile::tempdir().unwrap();
         let cases = [
-            ("slug,link_id,destination\nok,1,https://m.example/\nbad slug,2,https://m.example/\n", "line 3"),
-            ("slug,link_id,destination\nok,1,https://m.example/\nok,2,https://m.example/\n", "line 3"),
-            ("slug,link_id,destination\nok,x,https://m.example/\n", "line 2"),
-            ("slug,link_id,destination\nok,1,ftp://m.example/\n", "line 2"),
-            ("slug,link_id,destination,redirect_code\nok,1,https://m.example/,303\n", "line 2"),
-            ("slug,link_id,destination,status\nok,1,https://m.example/,gone\n", "line 2"),
-            ("slug,link_id,destination\nok,1,https://m.example/{nope}\n", "line 2"),
+            (
+                "slug,link_id,destination\nok,1,https://m.example/\nbad slug,2,https://m.example/\n",
+                "line 3",
+            ),
+            (
+                "slug,link_id,destination\nok,1,https://m.example/\nok,2,https://m.example/\n",
+                "line 3",
+            ),
+            (
+                "slug,link_id,destination\nok,x,https://m.example/\n",
+                "line 2",
+            ),
+            (
+                "slug,link_id,destination\nok,1,ftp://m.example/\n",
+                "line 2",
+            ),
+            (
+                "slug,link_id,destination,redirect_code\nok,1,https://m.example/,303\n",
+                "line 2",
+            ),
+            (
+                "slug,link_id,destination,status\nok,1,https://m.example/,gone\n",
+                "line 2",
+            ),
+            (
+                "slug,link_id,destination\nok,1,https://m.example/{nope}\n",
+                "line 2",
+            ),
             ("slug,link_id,destination\nok,1\n", "line 2"),
             ("slug,link_id,dest\n", "line 1"),
             ("slug,link_id\n", "line 1"),
@@ -274,11 +339,23 @@ mod tests {
     #[test]
     fn networks_are_held_as_token_hashes() {
         let d = tempfile::tempdir().unwrap();
-        let p = write(&d, "n.csv", "network_id,name,postback_token\n4,Net,s3cret-token\n");
+        let p = write(
+            &d,
+            "n.csv",
+            "network_id,name,postback_token\n4,Net,s3cret-token\n",
+        );
         let tokens = load_networks(&p, &keys()).unwrap();
         assert_eq!(tokens, vec![(token_hash(&keys(), "s3cret-token"), 4)]);
-        assert!(!tokens[0].0.contains("s3cret"), "no plaintext token is kept");
+        assert!(
+            !tokens[0].0.contains("s3cret"),
+            "no plaintext token is kept"
+        );
         let p = write(&d, "n.csv", "network_id,name,postback_token\n4,Net,short\n");
-        assert!(load_networks(&p, &keys()).unwrap_err().to_string().contains("line 2"));
+        assert!(
+            load_networks(&p, &keys())
+                .unwrap_err()
+                .to_string()
+                .contains("line 2")
+        );
     }
 }

@@ -203,12 +203,14 @@ impl LinkCache {
             self.links.insert(slug, link);
         }
         self.links.retain(|k, _| slugs.contains(k));
-        let offer_ids: std::collections::HashSet<u64> = snap.offers.iter().map(|(id, _)| *id).collect();
+        let offer_ids: std::collections::HashSet<u64> =
+            snap.offers.iter().map(|(id, _)| *id).collect();
         for (id, o) in snap.offers {
             self.offers.insert(id, o);
         }
         self.offers.retain(|k, _| offer_ids.contains(k));
-        let hashes: std::collections::HashSet<String> = snap.tokens.iter().map(|(h, _)| h.clone()).collect();
+        let hashes: std::collections::HashSet<String> =
+            snap.tokens.iter().map(|(h, _)| h.clone()).collect();
         for (h, n) in snap.tokens {
             self.tokens.insert(h, n);
         }
@@ -269,9 +271,17 @@ mod tests {
         let c = LinkCache::new();
         c.upsert_link("a".into(), link(1, 5));
         c.upsert_link("a".into(), link(2, 4));
-        assert_eq!(c.with_link("a", |l| l.link_id), Some(1), "version 4 must not replace 5");
+        assert_eq!(
+            c.with_link("a", |l| l.link_id),
+            Some(1),
+            "version 4 must not replace 5"
+        );
         c.upsert_link("a".into(), link(3, 5));
-        assert_eq!(c.with_link("a", |l| l.link_id), Some(3), "same version replaces");
+        assert_eq!(
+            c.with_link("a", |l| l.link_id),
+            Some(3),
+            "same version replaces"
+        );
     }
 
     #[test]

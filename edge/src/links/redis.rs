@@ -27,7 +27,10 @@ use futures_util::StreamExt;
 use redis::aio::MultiplexedConnection;
 use tokio::sync::{Notify, watch};
 
-use super::{Link, LinkCache, LinkStatus, Offer, OfferStatus, Snapshot, Template, valid_redirect_code, valid_url};
+use super::{
+    Link, LinkCache, LinkStatus, Offer, OfferStatus, Snapshot, Template, valid_redirect_code,
+    valid_url,
+};
 
 pub const CHANNEL: &str = "affgate:changes";
 pub const LINK_PREFIX: &str = "affgate:link:";
@@ -75,7 +78,11 @@ pub struct RedisCounts {
 }
 
 impl RedisLinks {
-    pub fn new(url: &str, cache: Arc<LinkCache>, miss_timeout: Duration) -> anyhow::Result<Arc<RedisLinks>> {
+    pub fn new(
+        url: &str,
+        cache: Arc<LinkCache>,
+        miss_timeout: Duration,
+    ) -> anyhow::Result<Arc<RedisLinks>> {
         let client = redis::Client::open(url).with_context(|| format!("redis url {url}"))?;
         Ok(Arc::new(RedisLinks {
             client,
@@ -171,7 +178,11 @@ impl RedisLinks {
                     self.set_conn(None);
                     self.errors.fetch_add(1, Ordering::Relaxed);
                     self.cache.note_reload_failed();
-                    tracing::warn!(error = format!("{e:#}"), retry_in_ms = backoff.as_millis() as u64, "redis links session ended; serving from cache");
+                    tracing::warn!(
+                        error = format!("{e:#}"),
+                        retry_in_ms = backoff.as_millis() as u64,
+                        "redis links session ended; serving from cache"
+                    );
                 }
             }
             tokio::select! {
@@ -184,18 +195,28 @@ impl RedisLinks {
 
     /// One connected session. Ok(()) only on shutdown.
     async fn session(&self, shutdown: &mut watch::Receiver<bool>) -> anyhow::Result<()> {
-        let mut pubsub = timed(self.client.get_async_pubsub()).await.context("connect for subscribe")?;
-        timed(pubsub.subscribe(CHANNEL)).await.context("subscribe")?;
+        let mut pubsub = timed(self.client.get_async_pubsub())
+            .await
+            .context("connect for subscribe")?;
+        timed(pubsub.subscribe(CHANNEL))
+            .await
+            .context("subscribe")?;
         let mut conn = timed(self.client.get_multiplexed_async_connection())
             .await
             .context("connect")?;
         let started = std::time::Instant::now();
         let snap = load_all(&mut conn).await.context("full load")?;
         let n = snap.links.len();
-        self.cache.replace(snap);
+        // The miss connection goes live before the cache says "loaded", so a
+        // miss right after /readyz turns 200 is looked up, not sent to the fallback.
         self.set_conn(Some(conn.clone()));
         self.up.store(true, Ordering::Relaxed);
-        tracing::info!(links = n, ms = started.elapsed().as_millis() as u64, "links loaded from redis");
+        self.cache.replace(snap);
+        tracing::info!(
+            links = n,
+            ms = started.elapsed().as_millis() as u64,
+            "links loaded from redis"
+        );
         let mut messages = pubsub.on_message();
         loop {
             tokio::select! {
@@ -229,16 +250,25 @@ where
 }
 
 /// Apply one `affgate:changes` message. Err only when Redis itself failed.
-pub async fn apply_change(cache: &LinkCache, conn: &mut MultiplexedConnection, payload: &str) -> anyhow::Result<()> {
+pub async fn apply_change(
+    cache: &LinkCache,
+    conn: &mut MultiplexedConnection,
+    payload: &str,
+) -> anyhow::Result<()> {
     if let Some(slug) = payload.strip_prefix("link:") {
         let key = format!("{LINK_PREFIX}{slug}");
-        let fields: HashMap<String, String> = timed(redis::cmd("HGETALL").arg(&key).query_async(conn)).await?;
+        let fields: HashMap<String, String> =
+            timed(redis::cmd("HGETALL").arg(&key).query_async(conn)).await?;
         if fields.is_empty() {
             cache.remove_link(slug);
         } else {
             match parse_link(&fields) {
                 Ok(link) => cache.upsert_link(slug.into(), link),
-                Err(reason) => tracing::warn!(key, reason, "unusable link hash in redis; keeping the cached one"),
+                Err(reason) => tracing::warn!(
+                    key,
+                    reason,
+                    "unusable link hash in redis; keeping the cached one"
+                ),
             }
         }
     } else if let Some(id) = payload.strip_prefix("offer:") {
@@ -247,7 +277,8 @@ pub async fn apply_change(cache: &LinkCache, conn: &mut MultiplexedConnection, p
             return Ok(());
         };
         let key = format!("{OFFER_PREFIX}{id}");
-        let fields: HashMap<String, String> = timed(redis::cmd("HGETALL").arg(&key).query_async(conn)).await?;
+        let fields: HashMap<String, String> =
+            timed(redis::cmd("HGETALL").arg(&key).query_async(conn)).await?;
         if fields.is_empty() {
             cache.remove_offer(offer_id);
         } else {
@@ -296,7 +327,10 @@ async fn scan(conn: &mut MultiplexedConnection, prefix: &str) -> anyhow::Result<
     Ok(keys)
 }
 
-async fn hgetall_many(conn: &mut MultiplexedConnection, keys: &[String]) -> anyhow::Result<Vec<HashMap<String, String>>> {
+async fn hgetall_many(
+    conn: &mut MultiplexedConnection,
+    keys: &[String],
+) -> anyhow::Result<Vec<HashMap<String, String>>> {
     let mut out = Vec::with_capacity(keys.len());
     for chunk in keys.chunks(1000) {
         let mut pipe = redis::pipe();
@@ -324,7 +358,10 @@ pub async fn load_all(conn: &mut MultiplexedConnection) -> anyhow::Result<Snapsh
         }
     }
     let offer_keys = scan(conn, OFFER_PREFIX).await?;
-    for (key, fields) in offer_keys.iter().zip(hgetall_many(conn, &offer_keys).await?) {
+    for (key, fields) in offer_keys
+        .iter()
+        .zip(hgetall_many(conn, &offer_keys).await?)
+    {
         let Ok(id) = key[OFFER_PREFIX.len()..].parse::<u64>() else {
             tracing::warn!(key, "skipping offer key without a numeric id");
             continue;
@@ -339,20 +376,28 @@ pub async fn load_all(conn: &mut MultiplexedConnection) -> anyhow::Result<Snapsh
     }
     let token_keys = scan(conn, TOKEN_PREFIX).await?;
     for chunk in token_keys.chunks(1000) {
-        let values: Vec<Option<String>> = timed(redis::cmd("MGET").arg(chunk).query_async(conn)).await?;
+        let values: Vec<Option<String>> =
+            timed(redis::cmd("MGET").arg(chunk).query_async(conn)).await?;
         for (key, v) in chunk.iter().zip(values) {
             if let Some(Ok(network)) = v.as_deref().map(str::parse::<u64>) {
-                snap.tokens.push((key[TOKEN_PREFIX.len()..].to_string(), network));
+                snap.tokens
+                    .push((key[TOKEN_PREFIX.len()..].to_string(), network));
             }
         }
     }
     Ok(snap)
 }
 
-fn field_u64(fields: &HashMap<String, String>, name: &str, default: Option<u64>) -> Result<u64, String> {
+fn field_u64(
+    fields: &HashMap<String, String>,
+    name: &str,
+    default: Option<u64>,
+) -> Result<u64, String> {
     match fields.get(name).map(String::as_str) {
         None | Some("") => default.ok_or_else(|| format!("{name} missing")),
-        Some(v) => v.parse().map_err(|_| format!("{name} `{v}` is not an integer")),
+        Some(v) => v
+            .parse()
+            .map_err(|_| format!("{name} `{v}` is not an integer")),
     }
 }
 
@@ -372,10 +417,13 @@ pub fn parse_link(fields: &HashMap<String, String>) -> Result<Link, String> {
     }
     let destination = fields.get("destination").map(String::as_str).unwrap_or("");
     if !valid_url(destination) {
-        return Err(format!("destination `{destination}` is not an absolute http(s) URL"));
+        return Err(format!(
+            "destination `{destination}` is not an absolute http(s) URL"
+        ));
     }
     let status_s = fields.get("status").map(String::as_str).unwrap_or("");
-    let status = LinkStatus::parse(status_s).ok_or_else(|| format!("status `{status_s}` unknown"))?;
+    let status =
+        LinkStatus::parse(status_s).ok_or_else(|| format!("status `{status_s}` unknown"))?;
     let redirect_code = field_u64(fields, "redirect_code", Some(302))?;
     let redirect_code = u16::try_from(redirect_code)
         .ok()
@@ -397,7 +445,8 @@ pub fn parse_link(fields: &HashMap<String, String>) -> Result<Link, String> {
 /// An offer hash as the control plane writes it.
 pub fn parse_offer(fields: &HashMap<String, String>) -> Result<Offer, String> {
     let status_s = fields.get("status").map(String::as_str).unwrap_or("");
-    let status = OfferStatus::parse(status_s).ok_or_else(|| format!("status `{status_s}` unknown"))?;
+    let status =
+        OfferStatus::parse(status_s).ok_or_else(|| format!("status `{status_s}` unknown"))?;
     Ok(Offer {
         status,
         fallback_url: field_url(fields, "fallback_url")?,
@@ -409,7 +458,10 @@ mod tests {
     use super::*;
 
     fn h(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -426,25 +478,50 @@ mod tests {
             ("version", "12"),
         ]))
         .unwrap();
-        assert_eq!((l.link_id, l.redirect_code, l.offer_id, l.affiliate_id, l.network_id, l.version), (9, 307, 3, 4, 5, 12));
+        assert_eq!(
+            (
+                l.link_id,
+                l.redirect_code,
+                l.offer_id,
+                l.affiliate_id,
+                l.network_id,
+                l.version
+            ),
+            (9, 307, 3, 4, 5, 12)
+        );
         assert_eq!(l.status, LinkStatus::ShadowBanned);
         assert_eq!(l.fallback_url.as_deref(), Some("https://fb.example/"));
     }
 
     #[test]
     fn defaults_and_rejections() {
-        let l = parse_link(&h(&[("link_id", "1"), ("destination", "https://m.example/")])).unwrap();
+        let l = parse_link(&h(&[
+            ("link_id", "1"),
+            ("destination", "https://m.example/"),
+        ]))
+        .unwrap();
         assert_eq!((l.redirect_code, l.status), (302, LinkStatus::Active));
         for bad in [
             h(&[("destination", "https://m.example/")]),
             h(&[("link_id", "x"), ("destination", "https://m.example/")]),
             h(&[("link_id", "1"), ("destination", "nope")]),
-            h(&[("link_id", "1"), ("destination", "https://m.example/"), ("redirect_code", "200")]),
-            h(&[("link_id", "1"), ("destination", "https://m.example/"), ("status", "deleted")]),
+            h(&[
+                ("link_id", "1"),
+                ("destination", "https://m.example/"),
+                ("redirect_code", "200"),
+            ]),
+            h(&[
+                ("link_id", "1"),
+                ("destination", "https://m.example/"),
+                ("status", "deleted"),
+            ]),
         ] {
             assert!(parse_link(&bad).is_err(), "{bad:?} must be refused");
         }
-        assert_eq!(parse_offer(&h(&[("status", "capped")])).unwrap().status, OfferStatus::Capped);
+        assert_eq!(
+            parse_offer(&h(&[("status", "capped")])).unwrap().status,
+            OfferStatus::Capped
+        );
         assert!(parse_offer(&h(&[("status", "gone")])).is_err());
     }
 }

@@ -12,7 +12,11 @@ use std::fmt::Write as _;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 
 /// Everything but `A-Z a-z 0-9 - . _ ~` is encoded.
-const SUB_ENCODE: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
+const SUB_ENCODE: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Part {
@@ -74,10 +78,10 @@ impl Template {
         }
         // A Location header carries ASCII: encode anything else in literals once, here.
         for p in &mut parts {
-            if let Part::Lit(l) = p {
-                if !l.is_ascii() {
-                    *l = encode_non_ascii(l).into();
-                }
+            if let Part::Lit(l) = p
+                && !l.is_ascii()
+            {
+                *l = encode_non_ascii(l).into();
             }
         }
         let literal_len = parts
@@ -204,20 +208,32 @@ mod tests {
     #[test]
     fn unknown_and_unbalanced_braces_stay_literal() {
         let t = Template::parse("https://m.example/{nope}/{click_id}/{sub1");
-        assert_eq!(t.expand(&m(["", "", "", "", ""])), "https://m.example/{nope}/CID/{sub1");
-        assert_eq!(Template::unknown_macros("https://x/{nope}?{click_id}{sub9}"), vec!["nope", "sub9"]);
+        assert_eq!(
+            t.expand(&m(["", "", "", "", ""])),
+            "https://m.example/{nope}/CID/{sub1"
+        );
+        assert_eq!(
+            Template::unknown_macros("https://x/{nope}?{click_id}{sub9}"),
+            vec!["nope", "sub9"]
+        );
     }
 
     #[test]
     fn non_ascii_literals_are_percent_encoded() {
         let t = Template::parse("https://m.example/café?c={click_id}");
-        assert_eq!(t.expand(&m(["", "", "", "", ""])), "https://m.example/caf%C3%A9?c=CID");
+        assert_eq!(
+            t.expand(&m(["", "", "", "", ""])),
+            "https://m.example/caf%C3%A9?c=CID"
+        );
     }
 
     #[test]
     fn a_template_without_macros_is_returned_as_is() {
         let t = Template::parse("https://m.example/landing?x=1");
-        assert_eq!(t.expand(&m(["q", "", "", "", ""])), "https://m.example/landing?x=1");
+        assert_eq!(
+            t.expand(&m(["q", "", "", "", ""])),
+            "https://m.example/landing?x=1"
+        );
     }
 
     proptest::proptest! {
