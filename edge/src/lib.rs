@@ -3,6 +3,7 @@
 //! until a collector has it.
 //!
 //! - `config`: the TOML file, `AFFGATE_*` overrides, typed checks.
+//! - `flush`: delivery to collectors; `flush::outbox` is its pure core.
 //! - `http`: routing and listeners; `http::click` is the redirect hot path,
 //!   `http::postback` the postback path, `http::tls` the rustls listener.
 //! - `links`: the in-process link cache and its sources (links file,
@@ -15,6 +16,7 @@
 //! in-process or the binary as a child process.
 
 pub mod config;
+pub mod flush;
 pub mod http;
 pub mod inspect;
 pub mod links;
