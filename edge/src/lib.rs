@@ -105,7 +105,12 @@ impl Edge {
                 Some(r)
             }
         };
+        // Installed before the edge reports itself listening: a SIGHUP sent
+        // right after start must reload, not kill (its default action).
+        let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("install the SIGHUP handler")?;
         background.push(tokio::spawn(reload_on_sighup(
+            hup,
             cfg.links.clone(),
             keys.current().clone(),
             cache.clone(),
@@ -335,19 +340,13 @@ pub fn render_metrics(app: &App) -> String {
 
 /// SIGHUP: re-read the links file (a bad file is refused, the old links keep serving) or Redis.
 async fn reload_on_sighup(
+    mut hup: tokio::signal::unix::Signal,
     source: LinkSource,
     keys: Keys,
     cache: Arc<LinkCache>,
     redis: Option<Arc<RedisLinks>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot listen for SIGHUP; links will not reload");
-            return;
-        }
-    };
     loop {
         tokio::select! {
             _ = hup.recv() => {}

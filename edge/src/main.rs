@@ -93,27 +93,25 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 .thread_name("affgate-edge")
                 .build()
                 .context("start tokio runtime")?;
-            rt.block_on(affgate_edge::run(cfg, shutdown_signal()))
+            rt.block_on(async {
+                // Installed before the edge reports itself listening, so an
+                // early SIGTERM drains and exits 0 instead of killing.
+                let stop = shutdown_signal()?;
+                affgate_edge::run(cfg, stop).await
+            })
         }
     }
 }
 
-/// SIGTERM or SIGINT.
-async fn shutdown_signal() {
+/// Resolves on SIGTERM or SIGINT; the handlers are installed when this is called.
+fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
+    let mut term = signal(SignalKind::terminate()).context("install the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("install the SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
         }
-        _ => {
-            tracing::error!("cannot install signal handlers; stop with SIGKILL");
-            std::future::pending::<()>().await;
-        }
-    }
+    })
 }

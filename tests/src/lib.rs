@@ -48,7 +48,11 @@ pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     let dir = exe.parent().and_then(Path::parent).expect("target dir");
     let p = dir.join(name);
-    assert!(p.exists(), "{} not built: run `cargo build --workspace --bins` first", p.display());
+    assert!(
+        p.exists(),
+        "{} not built: run `cargo build --workspace --bins` first",
+        p.display()
+    );
     p
 }
 
@@ -86,7 +90,18 @@ impl Redis {
 
     fn spawn(&mut self) {
         let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            // Fault tests stall the server with `DEBUG SLEEP`; Redis 7 refuses DEBUG by default.
+            .args(["--enable-debug-command", "yes"])
             .arg("--dir")
             .arg(self.dir.path())
             .stdout(Stdio::null())
@@ -96,9 +111,22 @@ impl Redis {
         self.child = Some(child);
         let port = self.port;
         wait_for("redis to answer PING", Duration::from_secs(10), || {
-            let mut c = redis::Client::open(format!("redis://127.0.0.1:{port}/")).ok()?.get_connection().ok()?;
+            let mut c = redis::Client::open(format!("redis://127.0.0.1:{port}/"))
+                .ok()?
+                .get_connection()
+                .ok()?;
             redis::cmd("PING").query::<String>(&mut c).ok()
         });
+    }
+
+    /// A port reserved for a Redis that is not running yet (an edge that
+    /// starts with Redis down); `restart()` starts it.
+    pub fn unstarted() -> Redis {
+        Redis {
+            port: free_port(),
+            child: None,
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
     }
 
     pub fn url(&self) -> String {
@@ -133,7 +161,12 @@ impl Drop for Redis {
 }
 
 /// Write a link hash and announce it, as the control plane does.
-pub fn redis_put_link(c: &mut redis::Connection, slug: &str, fields: &[(&str, &str)], publish: bool) {
+pub fn redis_put_link(
+    c: &mut redis::Connection,
+    slug: &str,
+    fields: &[(&str, &str)],
+    publish: bool,
+) {
     let key = format!("affgate:link:{slug}");
     let mut cmd = redis::cmd("HSET");
     cmd.arg(&key);
@@ -210,6 +243,13 @@ impl EdgeProc {
         let stderr_path = dir.join("edge.stderr");
         let stderr = std::fs::File::create(&stderr_path).expect("create stderr file");
         let mut cmd = Command::new(bin("affgate-edge"));
+        // The edge reads every AFFGATE_* variable as a config key: the test
+        // runner's own environment must not leak into it.
+        for (k, _) in std::env::vars() {
+            if k.starts_with("AFFGATE_") {
+                cmd.env_remove(k);
+            }
+        }
         cmd.arg("--config")
             .arg(&config)
             .env_remove("AFFGATE_CONFIG")
@@ -273,9 +313,11 @@ impl EdgeProc {
     /// SIGTERM and wait for the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         signal(self.pid(), "TERM");
-        wait_for("edge to exit after SIGTERM", Duration::from_secs(15), || {
-            self.child.try_wait().ok().flatten()
-        })
+        wait_for(
+            "edge to exit after SIGTERM",
+            Duration::from_secs(15),
+            || self.child.try_wait().ok().flatten(),
+        )
     }
 
     /// `affgate-edge ring inspect [--records]` on this edge's config.
@@ -288,7 +330,9 @@ impl EdgeProc {
     }
 
     pub fn metrics_text(&self) -> String {
-        Client::connect(self.metrics).request("GET", "/metrics", &[], b"").body_str()
+        Client::connect(self.metrics)
+            .request("GET", "/metrics", &[], b"")
+            .body_str()
     }
 }
 
@@ -315,7 +359,11 @@ pub fn write_config(dir: &Path, o: &EdgeOpts) -> PathBuf {
                 std::fs::write(&links, &o.links_csv).expect("write links.csv");
                 std::fs::write(&networks, &o.networks_csv).expect("write networks.csv");
             }
-            toml.push_str(&format!("file = \"{}\"\nnetworks_file = \"{}\"\n", links.display(), networks.display()));
+            toml.push_str(&format!(
+                "file = \"{}\"\nnetworks_file = \"{}\"\n",
+                links.display(),
+                networks.display()
+            ));
         }
     }
     if let Some(f) = &o.fallback_url {
@@ -361,7 +409,11 @@ impl Inspect {
     }
 
     pub fn click_ids(&self) -> std::collections::HashSet<String> {
-        self.records.iter().filter(|r| r.kind == "click").map(|r| r.click_id.clone()).collect()
+        self.records
+            .iter()
+            .filter(|r| r.kind == "click")
+            .map(|r| r.click_id.clone())
+            .collect()
     }
 }
 
@@ -371,8 +423,15 @@ pub fn inspect_config(config: &Path, records: bool) -> Inspect {
     if records {
         cmd.arg("--records");
     }
-    let out = cmd.env_remove("AFFGATE_CONFIG").output().expect("run ring inspect");
-    assert!(out.status.success(), "ring inspect failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = cmd
+        .env_remove("AFFGATE_CONFIG")
+        .output()
+        .expect("run ring inspect");
+    assert!(
+        out.status.success(),
+        "ring inspect failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).expect("inspect prints UTF-8");
     let mut recs = Vec::new();
     let mut in_records = false;
@@ -397,7 +456,10 @@ pub fn inspect_config(config: &Path, records: bool) -> Inspect {
             txid: f[8].into(),
         });
     }
-    Inspect { text, records: recs }
+    Inspect {
+        text,
+        records: recs,
+    }
 }
 
 // ---------------------------------------------------------------- HTTP
@@ -449,12 +511,24 @@ impl Client {
         })
     }
 
-    pub fn request(&mut self, method: &str, target: &str, headers: &[(&str, &str)], body: &[u8]) -> Resp {
+    pub fn request(
+        &mut self,
+        method: &str,
+        target: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Resp {
         self.try_request(method, target, headers, body)
             .unwrap_or_else(|e| panic!("{method} {target}: {e}"))
     }
 
-    pub fn try_request(&mut self, method: &str, target: &str, headers: &[(&str, &str)], body: &[u8]) -> std::io::Result<Resp> {
+    pub fn try_request(
+        &mut self,
+        method: &str,
+        target: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> std::io::Result<Resp> {
         let mut req = format!("{method} {target} HTTP/1.1\r\nHost: edge\r\n");
         for (k, v) in headers {
             req.push_str(&format!("{k}: {v}\r\n"));
@@ -477,7 +551,10 @@ impl Client {
     pub fn read_response(&mut self, head: bool) -> std::io::Result<Resp> {
         let mut line = String::new();
         if self.stream.read_line(&mut line)? == 0 {
-            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed"));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "connection closed",
+            ));
         }
         let status: u16 = line
             .split_whitespace()
@@ -512,7 +589,11 @@ impl Client {
                 }
             }
         }
-        Ok(Resp { status, headers, body })
+        Ok(Resp {
+            status,
+            headers,
+            body,
+        })
     }
 }
 

@@ -174,10 +174,15 @@ impl RedisLinks {
             match self.session(&mut shutdown).await {
                 Ok(()) => return,
                 Err(e) => {
-                    self.up.store(false, Ordering::Relaxed);
+                    // A session that got as far as a full load resets the backoff:
+                    // the next drop after a long outage reconnects at once again.
+                    if self.up.swap(false, Ordering::Relaxed) {
+                        backoff = BACKOFF_MIN;
+                    } else {
+                        self.cache.note_reload_failed();
+                    }
                     self.set_conn(None);
                     self.errors.fetch_add(1, Ordering::Relaxed);
-                    self.cache.note_reload_failed();
                     tracing::warn!(
                         error = format!("{e:#}"),
                         retry_in_ms = backoff.as_millis() as u64,
@@ -201,9 +206,17 @@ impl RedisLinks {
         timed(pubsub.subscribe(CHANNEL))
             .await
             .context("subscribe")?;
-        let mut conn = timed(self.client.get_multiplexed_async_connection())
-            .await
-            .context("connect")?;
+        // No library response timeout (redis-rs defaults to 500 ms): every
+        // command on this connection is bounded by our own, `timed` here and
+        // `miss_timeout` on a miss, so a stall shorter than COMMAND_TIMEOUT
+        // does not end the session and `miss_timeout_ms` up to 1000 holds.
+        let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
+        let mut conn = timed(
+            self.client
+                .get_multiplexed_async_connection_with_config(&config),
+        )
+        .await
+        .context("connect")?;
         let started = std::time::Instant::now();
         let snap = load_all(&mut conn).await.context("full load")?;
         let n = snap.links.len();
