@@ -36,7 +36,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::config::{Config, LinkSource};
+use crate::config::{Config, LinkSource, Transport};
+use crate::flush::outbox::{Outbox, OutboxConfig};
+use crate::flush::shell::{DROP_REASONS, DeliveryStats};
 use crate::http::App;
 use crate::links::LinkCache;
 use crate::links::redis::RedisLinks;
@@ -119,6 +121,37 @@ impl Edge {
         )));
 
         let boot_nonce = http::now_ms() ^ (u64::from(std::process::id()) << 40);
+        let delivery = Arc::new(DeliveryStats::default());
+        if !cfg.collectors.is_empty() {
+            let outbox = Outbox::new(
+                OutboxConfig::new(cfg.edge_id, cfg.collectors.len(), cfg.max_datagram_bytes),
+                keys.current().clone(),
+            )
+            .with_first_nonce(http::now_ms() << 16);
+            match cfg.transport {
+                Transport::Udp => {
+                    let t = flush::udp::UdpTransport::bind(&cfg.collectors).await?;
+                    background.push(tokio::spawn(flush::shell::run(
+                        ring.clone(),
+                        outbox,
+                        keys.clone(),
+                        t,
+                        cfg.flush_interval,
+                        delivery.clone(),
+                        shutdown_rx.clone(),
+                    )));
+                }
+                Transport::Quic => {
+                    anyhow::bail!(
+                        "[delivery] transport: `quic` is not available in this build yet; use `udp`"
+                    )
+                }
+            }
+        } else {
+            tracing::warn!(
+                "[delivery] collectors is empty: events stay in the ring until one is configured"
+            );
+        }
         let app = Arc::new(App {
             edge_id: cfg.edge_id,
             keys,
@@ -131,6 +164,7 @@ impl Edge {
             max_body_bytes: cfg.max_body_bytes,
             ring_ok: AtomicBool::new(true),
             boot_nonce,
+            delivery,
         });
 
         let graceful = Arc::new(GracefulShutdown::new());
@@ -276,6 +310,7 @@ pub fn render_metrics(app: &App) -> String {
         "Age of the oldest unacknowledged record.",
         lag,
     );
+    render_delivery(&app.delivery, &mut out);
     let c = app.links.counts();
     gauge(
         &mut out,
@@ -336,6 +371,80 @@ pub fn render_metrics(app: &App) -> String {
         }
     }
     out
+}
+
+fn render_delivery(d: &DeliveryStats, out: &mut String) {
+    use std::sync::atomic::Ordering;
+    use telemetry::{counter, gauge};
+    let s = d.outbox.lock().map(|s| s.clone()).unwrap_or_default();
+    counter(
+        out,
+        "affgate_edge_delivery_datagrams_sent_total",
+        "Batch datagrams sent, probes included.",
+        s.sent_datagrams,
+    );
+    counter(
+        out,
+        "affgate_edge_delivery_records_sent_total",
+        "Records sent, first sends and resends.",
+        s.sent_records,
+    );
+    counter(
+        out,
+        "affgate_edge_delivery_records_resent_total",
+        "Records sent again after no ack.",
+        s.resent_records,
+    );
+    counter(
+        out,
+        "affgate_edge_delivery_records_acked_total",
+        "Records acknowledged by a collector and freed.",
+        s.acked_records,
+    );
+    counter(
+        out,
+        "affgate_edge_delivery_failovers_total",
+        "Moves to the next collector.",
+        s.failovers,
+    );
+    counter(
+        out,
+        "affgate_edge_delivery_probes_total",
+        "Probes of the first collector while failed over.",
+        s.probes,
+    );
+    counter(
+        out,
+        "affgate_edge_delivery_oversize_datagrams_total",
+        "Datagrams above max_datagram_bytes (one large record).",
+        s.oversize_datagrams,
+    );
+    counter(
+        out,
+        "affgate_edge_delivery_send_errors_total",
+        "Datagram sends the OS refused.",
+        d.send_errors.load(Ordering::Relaxed),
+    );
+    gauge(
+        out,
+        "affgate_edge_delivery_in_flight_records",
+        "Records sent or due, not yet acknowledged.",
+        s.in_flight as f64,
+    );
+    gauge(
+        out,
+        "affgate_edge_delivery_current_collector",
+        "Index of the collector records go to.",
+        s.current_collector as f64,
+    );
+    out.push_str("# HELP affgate_edge_delivery_datagrams_dropped_total Incoming datagrams dropped, by reason.\n");
+    out.push_str("# TYPE affgate_edge_delivery_datagrams_dropped_total counter\n");
+    for (i, reason) in DROP_REASONS.iter().enumerate() {
+        let n = d.dropped[i].load(Ordering::Relaxed);
+        out.push_str(&format!(
+            "affgate_edge_delivery_datagrams_dropped_total{{reason=\"{reason}\"}} {n}\n"
+        ));
+    }
 }
 
 /// SIGHUP: re-read the links file (a bad file is refused, the old links keep serving) or Redis.

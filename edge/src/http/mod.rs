@@ -60,6 +60,8 @@ pub struct App {
     pub ring_ok: AtomicBool,
     /// Distinguishes this process's fresh request ids from an earlier run's.
     pub boot_nonce: u64,
+    /// The flusher's counters, for `/metrics`.
+    pub delivery: Arc<crate::flush::shell::DeliveryStats>,
 }
 
 /// Milliseconds since the Unix epoch.

@@ -1,0 +1,283 @@
+//! Ingest: datagrams in, committed rows, acks out (docs/delivery.md).
+//!
+//! - `window.rs`: the pure core: gather batches, dedup within a window,
+//!   decide when to write, and what to acknowledge afterwards.
+//! - this file: the shell. A receiver task owns the socket's read side: it
+//!   opens each datagram (MAC first; nothing unauthenticated is decoded) and
+//!   hands batch bodies to the writer over a bounded queue (full: the
+//!   datagram is dropped and counted; the edge resends). The writer task
+//!   fills the window, writes it to ClickHouse and PostgreSQL when due, and
+//!   sends the acks only when both writes committed.
+
+pub mod window;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use affgate_schema::datagram::{self, Kind};
+use affgate_schema::keys::KeyRing;
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, watch};
+
+use crate::store::clickhouse::ClickStore;
+use crate::store::postgres::Inbox;
+use window::{Peer, Taken, Window};
+
+/// Reasons an incoming datagram is dropped (closed set: metric labels).
+pub const DROP_REASONS: [&str; 8] = [
+    "too_short",
+    "magic",
+    "version",
+    "kind",
+    "mac",
+    "decode",
+    "edge_id",
+    "overload",
+];
+
+/// Ranges per ack datagram: 16 bytes each keeps an ack well under 1200 bytes.
+const RANGES_PER_ACK: usize = 48;
+
+/// Queue between receiver and writer, in datagrams.
+pub const QUEUE: usize = 8192;
+
+/// Counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct IngestStats {
+    pub datagrams: AtomicU64,
+    pub dropped: [AtomicU64; DROP_REASONS.len()],
+    pub batches: AtomicU64,
+    pub entries: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub undecodable: AtomicU64,
+    pub clicks_written: AtomicU64,
+    pub postbacks_written: AtomicU64,
+    pub postbacks_new: AtomicU64,
+    pub windows_committed: AtomicU64,
+    pub windows_failed: AtomicU64,
+    pub clickhouse_errors: AtomicU64,
+    pub postgres_errors: AtomicU64,
+    pub acks_sent: AtomicU64,
+    pub last_window_rows: AtomicU64,
+    pub last_commit_us: AtomicU64,
+    pub healthy: AtomicBool,
+}
+
+impl IngestStats {
+    pub fn drop_reason(&self, reason: &str) {
+        if let Some(i) = DROP_REASONS.iter().position(|r| *r == reason) {
+            self.dropped[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Read datagrams, verify, queue batch bodies for the writer.
+pub async fn receive(
+    sock: Arc<UdpSocket>,
+    keys: KeyRing,
+    tx: mpsc::Sender<(Peer, Vec<u8>)>,
+    stats: Arc<IngestStats>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        let (n, addr) = tokio::select! {
+            r = sock.recv_from(&mut buf) => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::debug!(error = %e, "udp receive failed");
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => return,
+        };
+        stats.datagrams.fetch_add(1, Ordering::Relaxed);
+        let (header, body) = match datagram::open(&keys, now_ms(), &buf[..n]) {
+            Ok(x) => x,
+            Err(e) => {
+                stats.drop_reason(e.reason());
+                continue;
+            }
+        };
+        if header.kind != Kind::Batch {
+            stats.drop_reason("kind");
+            continue;
+        }
+        let peer = Peer {
+            edge_id: header.edge_id,
+            addr,
+        };
+        if tx.try_send((peer, body.to_vec())).is_err() {
+            stats.drop_reason("overload");
+        }
+    }
+}
+
+/// Where acks go out.
+pub trait AckSink: Send + Sync {
+    fn send_ack(
+        &self,
+        to: SocketAddr,
+        bytes: &[u8],
+    ) -> impl Future<Output = std::io::Result<()>> + Send;
+}
+
+impl AckSink for UdpSocket {
+    async fn send_ack(&self, to: SocketAddr, bytes: &[u8]) -> std::io::Result<()> {
+        self.send_to(bytes, to).await.map(|_| ())
+    }
+}
+
+/// The stores a window commits to.
+#[derive(Debug, Clone)]
+pub struct Stores {
+    pub clicks: ClickStore,
+    pub inbox: Inbox,
+}
+
+/// Fill windows from `rx`, commit them when due, ack what committed.
+#[allow(clippy::too_many_arguments)]
+pub async fn write<S: AckSink>(
+    mut rx: mpsc::Receiver<(Peer, Vec<u8>)>,
+    sink: Arc<S>,
+    stores: Stores,
+    keys: KeyRing,
+    window_age: Duration,
+    window_rows: usize,
+    stats: Arc<IngestStats>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut window = Window::new(window_age, window_rows);
+    let mut nonce = now_ms() << 16;
+    stats.healthy.store(true, Ordering::Relaxed);
+    loop {
+        let deadline = window.deadline();
+        tokio::select! {
+            m = rx.recv() => {
+                let Some((peer, body)) = m else { return };
+                let healthy = stats.healthy.load(Ordering::Relaxed);
+                if let Err(e) = window.add_batch(peer, &body, healthy, Instant::now()) {
+                    stats.drop_reason(e.reason());
+                    tracing::debug!(edge_id = peer.edge_id, error = %e, "batch refused");
+                }
+            }
+            _ = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d.into()).await,
+                    None => std::future::pending::<()>().await,
+                }
+            } => {}
+            _ = shutdown.changed() => return,
+        }
+        if window.is_due(Instant::now()) {
+            stats.batches.store(window.batches, Ordering::Relaxed);
+            stats.entries.store(window.entries, Ordering::Relaxed);
+            stats.duplicates.store(window.duplicates, Ordering::Relaxed);
+            stats
+                .undecodable
+                .store(window.undecodable, Ordering::Relaxed);
+            let taken = window.take();
+            commit(taken, &*sink, &stores, &keys, &mut nonce, &stats).await;
+        }
+    }
+}
+
+/// Write one window; ack only if every write committed.
+async fn commit<S: AckSink>(
+    taken: Taken,
+    sink: &S,
+    stores: &Stores,
+    keys: &KeyRing,
+    nonce: &mut u64,
+    stats: &IngestStats,
+) {
+    let started = Instant::now();
+    let received_ms = now_ms();
+    let (c, p) = tokio::join!(
+        async {
+            if taken.clicks.is_empty() {
+                Ok(())
+            } else {
+                stores.clicks.insert(&taken.clicks, received_ms).await
+            }
+        },
+        async {
+            if taken.postbacks.is_empty() {
+                Ok(0)
+            } else {
+                stores.inbox.insert(&taken.postbacks).await
+            }
+        }
+    );
+    let mut ok = true;
+    if let Err(e) = &c {
+        ok = false;
+        stats.clickhouse_errors.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(rows = taken.clicks.len(), error = %e, "clickhouse insert failed; window not acknowledged, edges will resend");
+    }
+    match &p {
+        Ok(new) => {
+            stats.postbacks_new.fetch_add(*new, Ordering::Relaxed);
+        }
+        Err(e) => {
+            ok = false;
+            stats.postgres_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(rows = taken.postbacks.len(), error = %e, "postgres inbox insert failed; window not acknowledged, edges will resend");
+        }
+    }
+    stats.healthy.store(ok, Ordering::Relaxed);
+    stats
+        .last_commit_us
+        .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+    stats
+        .last_window_rows
+        .store(taken.rows() as u64, Ordering::Relaxed);
+    if !ok {
+        stats.windows_failed.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    stats.windows_committed.fetch_add(1, Ordering::Relaxed);
+    stats
+        .clicks_written
+        .fetch_add(taken.clicks.len() as u64, Ordering::Relaxed);
+    stats
+        .postbacks_written
+        .fetch_add(taken.postbacks.len() as u64, Ordering::Relaxed);
+    let mut body = Vec::with_capacity(256);
+    let mut sealed = Vec::with_capacity(1200);
+    for (peer, ranges) in &taken.acks {
+        let chunks: Vec<&[(u64, u64)]> = if ranges.is_empty() {
+            vec![&[]]
+        } else {
+            ranges.chunks(RANGES_PER_ACK).collect()
+        };
+        for chunk in chunks {
+            window::encode_ack(peer.edge_id, chunk, &mut body);
+            *nonce += 1;
+            datagram::seal(
+                keys.current(),
+                Kind::Ack,
+                peer.edge_id,
+                *nonce,
+                &body,
+                &mut sealed,
+            );
+            match sink.send_ack(peer.addr, &sealed).await {
+                Ok(()) => {
+                    stats.acks_sent.fetch_add(1, Ordering::Relaxed);
+                }
+                // A lost ack only means a resend, deduplicated by the stores.
+                Err(e) => tracing::debug!(to = %peer.addr, error = %e, "ack send failed"),
+            }
+        }
+    }
+}

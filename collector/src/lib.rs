@@ -1,0 +1,144 @@
+//! affgate-collector: receives the edges' batches and commits them to the
+//! stores, then acknowledges them; also runs the migrations, and (later)
+//! the control plane.
+//!
+//! - `config`: the TOML file, `AFFGATE_*` overrides, typed checks.
+//! - `migrate`: `affgate-collector migrate`, the ClickHouse runner and the
+//!   embedded sqlx migrations.
+//! - `store`: the idempotent writers, clicks to ClickHouse
+//!   (`store::clickhouse`), postbacks to the PostgreSQL inbox
+//!   (`store::postgres`), and `StoreError` (retry or reject).
+//! - `ingest`: the UDP socket, write windows (`ingest::window`, the pure
+//!   core) and acks sent only after both stores committed.
+//! - `telemetry`: tracing set-up and `/metrics`.
+//!
+//! `main.rs` only parses flags and calls [`run`] or `migrate`; tests drive
+//! [`Collector`] in-process or the binary as a child process.
+
+pub mod config;
+pub mod ingest;
+pub mod migrate;
+pub mod store;
+pub mod telemetry;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use affgate_schema::keys::{KeyRing, Keys};
+use anyhow::Context;
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+
+/// A running collector.
+#[derive(Debug)]
+pub struct Collector {
+    pub udp_addr: Option<SocketAddr>,
+    pub metrics_addr: Option<SocketAddr>,
+    pub stats: Arc<ingest::IngestStats>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// The key ring of a config: the current secret and the still-accepted previous ones.
+pub fn key_ring(cfg: &Config) -> KeyRing {
+    cfg.previous_secrets.iter().fold(
+        KeyRing::new(Keys::derive(&cfg.secret)),
+        |ring, (s, until)| ring.with_previous(Keys::derive(s), *until),
+    )
+}
+
+impl Collector {
+    /// Connect the stores, bind the ingest socket and metrics, start serving.
+    /// The stores need not be up: windows fail (unacknowledged) until they are.
+    pub async fn start(cfg: Config) -> anyhow::Result<Collector> {
+        let keys = key_ring(&cfg);
+        let stats = Arc::new(ingest::IngestStats::default());
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let mut tasks = Vec::new();
+        let pool = store::postgres::pool(&cfg.postgres).context("[postgres] url")?;
+        let stores = ingest::Stores {
+            clicks: store::clickhouse::ClickStore::new(&cfg.clickhouse),
+            inbox: store::postgres::Inbox::new(pool),
+        };
+        let mut udp_addr = None;
+        if let Some(listen) = cfg.udp_listen {
+            let sock = Arc::new(
+                UdpSocket::bind(listen)
+                    .await
+                    .with_context(|| format!("bind [ingest] udp_listen {listen}"))?,
+            );
+            udp_addr = Some(sock.local_addr()?);
+            let (tx, rx) = mpsc::channel(ingest::QUEUE);
+            tasks.push(tokio::spawn(ingest::receive(
+                sock.clone(),
+                keys.clone(),
+                tx,
+                stats.clone(),
+                shutdown_rx.clone(),
+            )));
+            tasks.push(tokio::spawn(ingest::write(
+                rx,
+                sock,
+                stores.clone(),
+                keys.clone(),
+                cfg.window,
+                cfg.window_rows.get(),
+                stats.clone(),
+                shutdown_rx.clone(),
+            )));
+        }
+        if cfg.quic.is_some() {
+            anyhow::bail!(
+                "[ingest] quic_listen: QUIC ingest is not available in this build yet; use udp_listen"
+            );
+        }
+        let mut metrics_addr = None;
+        if let Some(m) = cfg.metrics_listen {
+            let l = TcpListener::bind(m)
+                .await
+                .with_context(|| format!("bind [metrics] listen {m}"))?;
+            metrics_addr = Some(l.local_addr()?);
+            tasks.push(tokio::spawn(telemetry::serve_metrics(
+                l,
+                stats.clone(),
+                shutdown_rx.clone(),
+            )));
+        }
+        Ok(Collector {
+            udp_addr,
+            metrics_addr,
+            stats,
+            shutdown: shutdown_tx,
+            tasks,
+        })
+    }
+
+    /// Stop receiving; a window being written finishes or is abandoned
+    /// unacknowledged (the edges resend it).
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), t).await;
+        }
+    }
+}
+
+/// Run until `shutdown` resolves. Prints one line with the bound addresses
+/// on stdout (`affgate-collector listening udp=ADDR|- metrics=ADDR|-`).
+pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let c = Collector::start(cfg).await?;
+    let show = |a: Option<SocketAddr>| a.map(|a| a.to_string()).unwrap_or_else(|| "-".into());
+    println!(
+        "affgate-collector listening udp={} metrics={}",
+        show(c.udp_addr),
+        show(c.metrics_addr)
+    );
+    tracing::info!("collector serving");
+    shutdown.await;
+    tracing::info!("shutting down");
+    c.shutdown().await;
+    Ok(())
+}

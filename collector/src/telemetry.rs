@@ -1,0 +1,172 @@
+//! Tracing set-up, and `/metrics` (Prometheus text) on `[metrics] listen`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::ingest::{DROP_REASONS, IngestStats};
+
+/// Logs to stderr, filtered by `AFFGATE_LOG` (then `RUST_LOG`, default `info`).
+pub fn init_tracing() {
+    let filter = std::env::var("AFFGATE_LOG")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .unwrap_or_else(|_| "info".into());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Prometheus text of the ingest counters.
+pub fn render(s: &IngestStats) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(4096);
+    let mut counter = |name: &str, help: &str, v: u64| {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+        );
+    };
+    let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    counter(
+        "affgate_collector_datagrams_received_total",
+        "Datagrams read from the ingest socket.",
+        l(&s.datagrams),
+    );
+    counter(
+        "affgate_collector_batches_total",
+        "Batches accepted into a write window, probes included.",
+        l(&s.batches),
+    );
+    counter(
+        "affgate_collector_entries_total",
+        "Entries received, duplicates included.",
+        l(&s.entries),
+    );
+    counter(
+        "affgate_collector_duplicate_entries_total",
+        "Entries already in the same window.",
+        l(&s.duplicates),
+    );
+    counter(
+        "affgate_collector_undecodable_entries_total",
+        "Entries acknowledged without a write: their event does not decode.",
+        l(&s.undecodable),
+    );
+    counter(
+        "affgate_collector_clicks_written_total",
+        "Clicks committed to ClickHouse.",
+        l(&s.clicks_written),
+    );
+    counter(
+        "affgate_collector_postbacks_written_total",
+        "Postbacks committed to the PostgreSQL inbox (duplicates included).",
+        l(&s.postbacks_written),
+    );
+    counter(
+        "affgate_collector_postbacks_new_total",
+        "Postbacks that were new to the inbox.",
+        l(&s.postbacks_new),
+    );
+    counter(
+        "affgate_collector_windows_committed_total",
+        "Write windows committed and acknowledged.",
+        l(&s.windows_committed),
+    );
+    counter(
+        "affgate_collector_windows_failed_total",
+        "Write windows dropped unacknowledged (a store failed).",
+        l(&s.windows_failed),
+    );
+    counter(
+        "affgate_collector_acks_sent_total",
+        "Ack datagrams sent.",
+        l(&s.acks_sent),
+    );
+    let _ = writeln!(
+        out,
+        "# HELP affgate_collector_insert_errors_total Failed writes, by store.\n# TYPE affgate_collector_insert_errors_total counter"
+    );
+    let _ = writeln!(
+        out,
+        "affgate_collector_insert_errors_total{{store=\"clickhouse\"}} {}",
+        l(&s.clickhouse_errors)
+    );
+    let _ = writeln!(
+        out,
+        "affgate_collector_insert_errors_total{{store=\"postgres\"}} {}",
+        l(&s.postgres_errors)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP affgate_collector_datagrams_dropped_total Datagrams dropped, by reason.\n# TYPE affgate_collector_datagrams_dropped_total counter"
+    );
+    for (i, r) in DROP_REASONS.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "affgate_collector_datagrams_dropped_total{{reason=\"{r}\"}} {}",
+            l(&s.dropped[i])
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP affgate_collector_window_rows Rows in the last write window.\n# TYPE affgate_collector_window_rows gauge\naffgate_collector_window_rows {}",
+        l(&s.last_window_rows)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP affgate_collector_commit_seconds Duration of the last window commit.\n# TYPE affgate_collector_commit_seconds gauge\naffgate_collector_commit_seconds {}",
+        l(&s.last_commit_us) as f64 / 1e6
+    );
+    let _ = writeln!(
+        out,
+        "# HELP affgate_collector_stores_healthy 1 while the last window committed.\n# TYPE affgate_collector_stores_healthy gauge\naffgate_collector_stores_healthy {}",
+        u8::from(s.healthy.load(Ordering::Relaxed))
+    );
+    out
+}
+
+/// Serve `/metrics` until shutdown.
+pub async fn serve_metrics(
+    listener: TcpListener,
+    stats: Arc<IngestStats>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let (stream, _) = tokio::select! {
+            r = listener.accept() => match r { Ok(c) => c, Err(_) => continue },
+            _ = shutdown.changed() => return,
+        };
+        let stats = stats.clone();
+        let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+            let stats = stats.clone();
+            async move {
+                let mut r = if req.uri().path() == "/metrics" {
+                    hyper::Response::new(Full::new(Bytes::from(render(&stats))))
+                } else {
+                    let mut r = hyper::Response::new(Full::new(Bytes::from_static(b"not found\n")));
+                    *r.status_mut() = hyper::StatusCode::NOT_FOUND;
+                    r
+                };
+                r.headers_mut().insert(
+                    hyper::header::CONTENT_TYPE,
+                    hyper::header::HeaderValue::from_static(
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    ),
+                );
+                Ok::<_, Infallible>(r)
+            }
+        });
+        tokio::spawn(async move {
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}

@@ -1,0 +1,623 @@
+//! The migrations and the store writers against real ClickHouse and
+//! PostgreSQL, as `deploy/services.sh start` leaves them:
+//! ClickHouse at `AFFGATE_TEST_CLICKHOUSE_URL` (default
+//! `http://127.0.0.1:8123`), PostgreSQL at `AFFGATE_TEST_POSTGRES_URL`
+//! (default `postgres://affgate:affgate@127.0.0.1:5432/affgate`, a role
+//! allowed to create databases).
+//!
+//! Each test works in a ClickHouse database and a PostgreSQL database of its
+//! own, named with a random suffix, and drops both when it ends, failed or
+//! not.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use affgate_collector::config::{ClickHouseConfig, PostgresConfig};
+use affgate_collector::migrate;
+use affgate_collector::store::clickhouse::{ClickStore, client};
+use affgate_collector::store::postgres::{Inbox, pool};
+use affgate_collector::store::{Store, StoreError};
+use affgate_schema::{Click, DedupKey, Postback, Status};
+use sqlx::PgPool;
+
+fn clickhouse_url() -> String {
+    std::env::var("AFFGATE_TEST_CLICKHOUSE_URL").unwrap_or_else(|_| "http://127.0.0.1:8123".into())
+}
+
+fn postgres_url() -> String {
+    std::env::var("AFFGATE_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://affgate:affgate@127.0.0.1:5432/affgate".into())
+}
+
+/// `postgres://u:p@h:5432/affgate?x=y` with the database replaced.
+fn with_database(url: &str, db: &str) -> String {
+    let (scheme, rest) = url.split_once("://").expect("postgres url has a scheme");
+    let rest = rest.split('?').next().unwrap_or(rest);
+    let authority = rest.split('/').next().unwrap_or(rest);
+    format!("{scheme}://{authority}/{db}")
+}
+
+/// A ClickHouse database and a PostgreSQL database for one test.
+struct TestDbs {
+    name: String,
+    ch: ClickHouseConfig,
+    pool: PgPool,
+}
+
+impl TestDbs {
+    /// Creates both databases (empty: no migrations).
+    async fn new() -> TestDbs {
+        let name = format!("affgate_test_{:016x}", fastrand::u64(..));
+        let ch = ClickHouseConfig {
+            url: clickhouse_url(),
+            database: name.clone(),
+            user: "default".into(),
+            password: String::new(),
+        };
+        let one: u8 = client(&ch, None)
+            .query("SELECT 1")
+            .fetch_one()
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "ClickHouse unreachable at {}: {e}; start it with deploy/services.sh start",
+                    ch.url
+                )
+            });
+        assert_eq!(one, 1);
+        client(&ch, None)
+            .query(&format!("CREATE DATABASE {name}"))
+            .execute()
+            .await
+            .expect("create clickhouse test database");
+
+        let admin = pool(&PostgresConfig {
+            url: postgres_url(),
+        })
+        .expect("postgres url parses");
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&admin)
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot create a PostgreSQL database via {}: {e}; start it with deploy/services.sh start",
+                    postgres_url()
+                )
+            });
+        admin.close().await;
+        let pool = pool(&PostgresConfig {
+            url: with_database(&postgres_url(), &name),
+        })
+        .expect("postgres url parses");
+        TestDbs { name, ch, pool }
+    }
+
+    /// Creates both databases and applies the migrations.
+    async fn migrated() -> TestDbs {
+        let dbs = TestDbs::new().await;
+        migrate::clickhouse(&dbs.ch)
+            .await
+            .expect("clickhouse migrations apply");
+        migrate::postgres(&dbs.pool)
+            .await
+            .expect("postgres migrations apply");
+        dbs
+    }
+
+    fn ch(&self) -> clickhouse::Client {
+        client(&self.ch, Some(&self.name))
+    }
+
+    async fn ch_count(&self, sql: &str) -> u64 {
+        self.ch()
+            .query(sql)
+            .fetch_one::<u64>()
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+}
+
+impl Drop for TestDbs {
+    /// Drops both databases from a thread of its own (Drop cannot await,
+    /// and the test's runtime may be the one dropping us).
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        let ch = self.ch.clone();
+        let admin_url = postgres_url();
+        let result = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("cleanup runtime");
+            rt.block_on(async {
+                let ch_result = client(&ch, None)
+                    .query(&format!("DROP DATABASE IF EXISTS {name}"))
+                    .execute()
+                    .await;
+                let admin = pool(&PostgresConfig { url: admin_url }).expect("postgres url");
+                // WITH (FORCE) ends the test's own pool connections too.
+                let pg_result =
+                    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .execute(&admin)
+                        .await;
+                admin.close().await;
+                (ch_result.err(), pg_result.err())
+            })
+        })
+        .join();
+        match result {
+            Ok((None, None)) => {}
+            Ok((ch, pg)) => eprintln!(
+                "cleanup of {}: clickhouse {ch:?}, postgres {pg:?}",
+                self.name
+            ),
+            Err(_) => eprintln!("cleanup of {} panicked", self.name),
+        }
+    }
+}
+
+/// Noon UTC on 2023-11-14, on an hour boundary.
+const T0_MS: u64 = 1_699_963_200_000;
+
+fn click(n: u64) -> Click {
+    Click {
+        click_id: format!("click-{n:04}"),
+        // Two hours: clicks 0..100 in the first, the rest in the second.
+        ts_ms: T0_MS + if n < 100 { n * 1000 } else { 3_600_000 + n },
+        edge_id: 3,
+        link_id: 1 + n % 3,
+        offer_id: 10 + n % 3,
+        affiliate_id: 20 + n % 3,
+        slug: format!("slug{}", n % 3),
+        ip: if n.is_multiple_of(2) {
+            IpAddr::V4(Ipv4Addr::new(192, 0, 2, (n % 250) as u8))
+        } else {
+            IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, n as u16))
+        },
+        user_agent: "Mozilla/5.0 (test)".into(),
+        referer: if n.is_multiple_of(5) {
+            String::new()
+        } else {
+            "https://ref.example/".into()
+        },
+        subs: [
+            format!("s1-{n}"),
+            String::new(),
+            "ünïcödé".into(),
+            String::new(),
+            "s5".into(),
+        ],
+        quarantined: n.is_multiple_of(7),
+        fallback: n.is_multiple_of(11),
+    }
+}
+
+#[tokio::test]
+async fn migrate_twice_changes_nothing() {
+    let dbs = TestDbs::new().await;
+
+    let first = migrate::clickhouse(&dbs.ch)
+        .await
+        .expect("first clickhouse run");
+    assert_eq!(
+        first.applied,
+        [
+            "0001_clicks.sql",
+            "0002_conversions.sql",
+            "0003_clicks_hourly.sql"
+        ],
+        "a new database gets every file"
+    );
+    let second = migrate::clickhouse(&dbs.ch)
+        .await
+        .expect("second clickhouse run");
+    assert!(
+        second.applied.is_empty(),
+        "nothing left to apply: {second:?}"
+    );
+    assert_eq!(second.already.len(), 3);
+    assert_eq!(
+        dbs.ch_count("SELECT count() FROM affgate_migrations FINAL")
+            .await,
+        3,
+        "one bookkeeping row per file"
+    );
+
+    let tables: Vec<String> = dbs
+        .ch()
+        .query("SELECT name FROM system.tables WHERE database = ? ORDER BY name")
+        .bind(dbs.name.as_str())
+        .fetch_all()
+        .await
+        .expect("list tables");
+    for t in [
+        "affgate_migrations",
+        "clicks",
+        "clicks_hourly",
+        "clicks_hourly_mv",
+        "clicks_hourly_totals",
+        "conversions",
+    ] {
+        assert!(tables.iter().any(|n| n == t), "{t} exists: {tables:?}");
+    }
+
+    let first = migrate::postgres(&dbs.pool)
+        .await
+        .expect("first postgres run");
+    assert_eq!(first.applied, ["0001_inbox.sql"]);
+    let second = migrate::postgres(&dbs.pool)
+        .await
+        .expect("second postgres run");
+    assert!(second.applied.is_empty(), "{second:?}");
+    assert_eq!(second.already, ["0001_inbox.sql"]);
+
+    // A file whose recorded checksum differs was edited after it was
+    // applied: refused, naming the file.
+    dbs.ch()
+        .query(
+            "INSERT INTO affgate_migrations (version, name, checksum, applied_at) \
+             VALUES (2, '0002_conversions.sql', 'edited', now())",
+        )
+        .execute()
+        .await
+        .expect("tamper with the bookkeeping");
+    let err = migrate::clickhouse(&dbs.ch).await.unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("0002_conversions.sql") && msg.contains("changed"),
+        "{msg}"
+    );
+}
+
+#[tokio::test]
+async fn redelivered_clicks_collapse_and_the_rollup_counts_each_once() {
+    let dbs = TestDbs::migrated().await;
+    let store = ClickStore::new(&dbs.ch);
+    let clicks: Vec<Click> = (0..200).map(click).collect();
+
+    // As redelivery does: everything, a window's worth again, everything again.
+    store.insert(&clicks, T0_MS + 5_000).await.expect("insert");
+    store
+        .insert(&clicks[50..120], T0_MS + 6_000)
+        .await
+        .expect("insert again");
+    store
+        .insert(&clicks, T0_MS + 7_000)
+        .await
+        .expect("insert a third time");
+    store
+        .insert(&[], T0_MS)
+        .await
+        .expect("an empty window is no request");
+
+    assert_eq!(
+        dbs.ch_count("SELECT count() FROM clicks FINAL").await,
+        200,
+        "FINAL shows one row per click id"
+    );
+    assert_eq!(
+        dbs.ch_count("SELECT uniqExactMerge(clicks) FROM clicks_hourly")
+            .await,
+        200,
+        "the rollup counts distinct click ids despite 470 inserted rows"
+    );
+
+    // Per hour and link, against a model.
+    let mut want: Vec<(u32, u64, u64, u64, u64)> = Vec::new();
+    for c in &clicks {
+        let hour = (c.ts_ms / 1000 / 3600 * 3600) as u32;
+        match want.iter_mut().find(|w| w.0 == hour && w.1 == c.link_id) {
+            Some(w) => {
+                w.2 += 1;
+                w.3 += u64::from(c.quarantined);
+                w.4 += u64::from(c.fallback);
+            }
+            None => want.push((
+                hour,
+                c.link_id,
+                1,
+                u64::from(c.quarantined),
+                u64::from(c.fallback),
+            )),
+        }
+    }
+    want.sort();
+    let got: Vec<(u32, u64, u64, u64, u64)> = dbs
+        .ch()
+        .query(
+            "SELECT toUInt32(hour), link_id, clicks, quarantined, fallbacks \
+             FROM clicks_hourly_totals ORDER BY hour, link_id",
+        )
+        .fetch_all()
+        .await
+        .expect("read totals");
+    assert_eq!(got, want, "hourly totals per link");
+
+    // Merged for real, the duplicates are gone from the table itself.
+    for t in ["clicks", "clicks_hourly"] {
+        dbs.ch()
+            .query(&format!("OPTIMIZE TABLE {t} FINAL"))
+            .execute()
+            .await
+            .expect("optimize");
+    }
+    assert_eq!(dbs.ch_count("SELECT count() FROM clicks").await, 200);
+    assert_eq!(
+        dbs.ch_count("SELECT uniqExactMerge(clicks) FROM clicks_hourly")
+            .await,
+        200
+    );
+
+    // Every column lands where it belongs.
+    #[derive(Debug, PartialEq, clickhouse::Row, serde::Deserialize)]
+    struct Back {
+        click_id: String,
+        ts: u32,
+        ts_ms: u64,
+        edge_id: u16,
+        link_id: u64,
+        offer_id: u64,
+        affiliate_id: u64,
+        slug: String,
+        ip: String,
+        referer: String,
+        sub3: String,
+    }
+    for n in [1u64, 2, 150] {
+        let c = click(n);
+        let back: Back = dbs
+            .ch()
+            .query(
+                "SELECT click_id, toUInt32(ts), ts_ms, edge_id, link_id, offer_id, affiliate_id, \
+                 slug, IPv6NumToString(ip), referer, sub3 \
+                 FROM clicks FINAL WHERE click_id = ?",
+            )
+            .bind(c.click_id.as_str())
+            .fetch_one()
+            .await
+            .expect("read a click back");
+        let ip = match c.ip {
+            IpAddr::V4(v4) => format!("::ffff:{v4}"),
+            IpAddr::V6(v6) => v6.to_string(),
+        };
+        let want = Back {
+            click_id: c.click_id.clone(),
+            ts: (c.ts_ms / 1000) as u32,
+            ts_ms: c.ts_ms,
+            edge_id: c.edge_id,
+            link_id: c.link_id,
+            offer_id: c.offer_id,
+            affiliate_id: c.affiliate_id,
+            slug: c.slug.clone(),
+            ip,
+            referer: c.referer.clone(),
+            sub3: c.subs[2].clone(),
+        };
+        assert_eq!(back, want, "click {n} reads back");
+    }
+    let (q, f, lag): (u8, u8, u64) = dbs
+        .ch()
+        .query("SELECT quarantined, fallback, received_ms - ts_ms FROM clicks FINAL WHERE click_id = 'click-0077'")
+        .fetch_one()
+        .await
+        .expect("flags");
+    assert_eq!((q, f), (1, 1), "click 77 is quarantined and a fallback");
+    assert!(lag > 0, "received_ms is the collector's time");
+    assert_eq!(
+        dbs.ch_count("SELECT count() FROM system.parts WHERE database = currentDatabase() AND table = 'clicks' AND active AND partition != '202311'").await,
+        0,
+        "partitioned by month"
+    );
+}
+
+fn postback(n: u64, status: Status) -> Postback {
+    Postback {
+        ts_ms: T0_MS + n * 10 + 7,
+        edge_id: 4,
+        network_id: 1 + n % 2,
+        click_id: format!("click-{n:04}"),
+        txid: format!("T-{n}"),
+        event: "conversion".into(),
+        status,
+        payout_micros: if n.is_multiple_of(3) {
+            None
+        } else {
+            Some(12_500_000 + n as i64)
+        },
+        currency: "USD".into(),
+        request_id: format!("req-{n}"),
+    }
+}
+
+#[tokio::test]
+async fn the_inbox_keeps_one_row_per_dedup_key() {
+    let dbs = TestDbs::migrated().await;
+    let inbox = Inbox::new(dbs.pool.clone());
+
+    let mut rows: Vec<(u16, u64, Postback)> = (0..50)
+        .map(|n| (4, 1000 + n, postback(n, Status::Pending)))
+        .collect();
+    // A status change is a new event; the same postback twice in one window is one.
+    rows.push((4, 2000, postback(7, Status::Approved)));
+    rows.push((4, 2001, postback(7, Status::Approved)));
+    // A NUL from a network's query string: stored as U+FFFD, keyed on the original.
+    let mut nul = postback(60, Status::Approved);
+    nul.txid = "T\0NUL".into();
+    rows.push((4, 2002, nul.clone()));
+
+    let new = inbox.insert(&rows).await.expect("first insert");
+    assert_eq!(
+        new, 52,
+        "50 pending, 1 approved, 1 with a NUL; the repeat is skipped"
+    );
+    let again = inbox.insert(&rows).await.expect("redelivered window");
+    assert_eq!(again, 0, "a redelivered window adds nothing");
+    let half = inbox
+        .insert(&rows[10..30])
+        .await
+        .expect("partial redelivery");
+    assert_eq!(half, 0);
+    assert_eq!(inbox.insert(&[]).await.expect("empty"), 0);
+
+    let (count, unprocessed): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE processed_at IS NULL) FROM postback_inbox",
+    )
+    .fetch_one(&dbs.pool)
+    .await
+    .expect("count");
+    assert_eq!((count, unprocessed), (52, 52));
+
+    // Every column, for a postback with a payout and one without.
+    type Back = (
+        i32,
+        i64,
+        i64,
+        String,
+        String,
+        String,
+        String,
+        Option<String>,
+        String,
+        String,
+        i64,
+    );
+    for (seq, p) in [
+        (1001u64, postback(1, Status::Pending)),
+        (1003, postback(3, Status::Pending)),
+    ] {
+        let key = DedupKey::for_postback(p.network_id, &p.click_id, &p.txid, &p.event, p.status);
+        let back: Back = sqlx::query_as(
+            "SELECT edge_id, seq, network_id, click_id, txid, event, status, payout::text, \
+             currency, request_id, (extract(epoch FROM ts) * 1000)::bigint \
+             FROM postback_inbox WHERE dedup_key = $1",
+        )
+        .bind(key.0.to_vec())
+        .fetch_one(&dbs.pool)
+        .await
+        .expect("row by dedup key");
+        let want: Back = (
+            4,
+            seq as i64,
+            p.network_id as i64,
+            p.click_id.clone(),
+            p.txid.clone(),
+            p.event.clone(),
+            "pending".into(),
+            p.payout_micros
+                .map(|m| format!("{}.{:06}", m / 1_000_000, m % 1_000_000)),
+            "USD".into(),
+            p.request_id.clone(),
+            p.ts_ms as i64,
+        );
+        assert_eq!(back, want, "postback {seq} reads back");
+    }
+    let key = DedupKey::for_postback(
+        nul.network_id,
+        &nul.click_id,
+        &nul.txid,
+        &nul.event,
+        nul.status,
+    );
+    let txid: String = sqlx::query_scalar("SELECT txid FROM postback_inbox WHERE dedup_key = $1")
+        .bind(key.0.to_vec())
+        .fetch_one(&dbs.pool)
+        .await
+        .expect("the NUL row, by the key of the original text");
+    assert_eq!(txid, "T\u{fffd}NUL");
+}
+
+#[tokio::test]
+async fn bad_rows_are_rejected_and_a_missing_schema_retries() {
+    let dbs = TestDbs::new().await; // no migrations yet
+    let store = ClickStore::new(&dbs.ch);
+    let inbox = Inbox::new(dbs.pool.clone());
+
+    let err = store.insert(&[click(1)], T0_MS).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::Retry {
+                store: Store::ClickHouse,
+                ..
+            }
+        ),
+        "no clicks table yet: an operator runs migrate, the rows wait: {err}"
+    );
+    let err = inbox
+        .insert(&[(1, 1, postback(1, Status::Approved))])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::Retry {
+                store: Store::Postgres,
+                ..
+            }
+        ),
+        "no inbox table yet: {err}"
+    );
+
+    migrate::clickhouse(&dbs.ch)
+        .await
+        .expect("migrate clickhouse");
+    migrate::postgres(&dbs.pool)
+        .await
+        .expect("migrate postgres");
+    store
+        .insert(&[click(1)], T0_MS)
+        .await
+        .expect("now it works");
+
+    let mut long_currency = postback(2, Status::Approved);
+    long_currency.currency = "DOLLARS".into();
+    let err = inbox
+        .insert(&[(1, 1, postback(1, Status::Approved)), (1, 2, long_currency)])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::Reject {
+                store: Store::Postgres,
+                ..
+            }
+        ),
+        "a value that does not fit is the data's fault: {err}"
+    );
+    let mut negative = postback(3, Status::Approved);
+    negative.payout_micros = Some(-1);
+    let err = inbox.insert(&[(1, 3, negative)]).await.unwrap_err();
+    assert!(!err.is_retry(), "a negative payout violates a check: {err}");
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM postback_inbox")
+        .fetch_one(&dbs.pool)
+        .await
+        .expect("count");
+    assert_eq!(count, 0, "a rejected window leaves nothing behind");
+}
+
+#[tokio::test]
+async fn unreachable_stores_retry() {
+    // Port 1 on loopback: nothing listens, the connection is refused.
+    let ch = ClickHouseConfig {
+        url: "http://127.0.0.1:1".into(),
+        database: "affgate".into(),
+        user: "default".into(),
+        password: String::new(),
+    };
+    let err = ClickStore::new(&ch)
+        .insert(&[click(1)], T0_MS)
+        .await
+        .unwrap_err();
+    assert!(err.is_retry(), "{err}");
+
+    let pg = pool(&PostgresConfig {
+        url: "postgres://affgate:affgate@127.0.0.1:1/affgate".into(),
+    })
+    .expect("url parses");
+    // Gives up after the pool's acquire timeout (5 s).
+    let err = Inbox::new(pg)
+        .insert(&[(1, 1, postback(1, Status::Approved))])
+        .await
+        .unwrap_err();
+    assert!(err.is_retry(), "{err}");
+}

@@ -1,0 +1,157 @@
+//! The flusher's shell: owns the ring's consumer, a [`Transport`] and the
+//! timer, and only moves records and bytes between them and the
+//! [`Outbox`]. Every decision is the Outbox's.
+//!
+//! Each tick (`flush_interval_ms`): poll new records from the ring (as many
+//! as the Outbox has room for), then send every datagram the Outbox says is
+//! due. Between ticks: acks from collectors are opened (MAC), handed to the
+//! Outbox, and the locations it returns are acknowledged in the ring, which
+//! frees them.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use affgate_schema::datagram::{self, Kind};
+use affgate_schema::keys::KeyRing;
+use tokio::sync::watch;
+
+use super::outbox::{Outbox, OutboxStats, Outgoing};
+use crate::ring::{Record, Ring};
+
+/// Moves datagrams to and from collectors. `recv` must be cancel-safe: the
+/// shell drops its future whenever the timer fires first.
+pub trait Transport: Send + 'static {
+    /// Send one datagram to collector `collector` (index in `[delivery] collectors`).
+    fn send(
+        &mut self,
+        collector: usize,
+        out: &Outgoing,
+    ) -> impl Future<Output = std::io::Result<()>> + Send;
+    /// The next datagram from any collector, with that collector's index.
+    fn recv(&mut self) -> impl Future<Output = std::io::Result<(usize, Vec<u8>)>> + Send;
+}
+
+/// A datagram whose source matches no configured collector: credited to
+/// the current one (its MAC, not its address, makes it trustworthy).
+pub const UNKNOWN_COLLECTOR: usize = usize::MAX;
+
+/// Reasons an incoming datagram is dropped; a closed set for a metric label.
+pub const DROP_REASONS: [&str; 8] = [
+    "too_short",
+    "magic",
+    "version",
+    "kind",
+    "mac",
+    "edge_id",
+    "decode",
+    "ranges",
+];
+
+/// What the flusher shows on `/metrics`.
+#[derive(Debug, Default)]
+pub struct DeliveryStats {
+    pub outbox: Mutex<OutboxStats>,
+    pub dropped: [AtomicU64; DROP_REASONS.len()],
+    pub send_errors: AtomicU64,
+    pub ring_errors: AtomicU64,
+}
+
+impl DeliveryStats {
+    fn drop_reason(&self, reason: &str) {
+        if let Some(i) = DROP_REASONS.iter().position(|r| *r == reason) {
+            self.dropped[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Run until shutdown. Holds the ring's single consumer for its lifetime.
+pub async fn run<T: Transport>(
+    ring: Arc<Ring>,
+    mut outbox: Outbox,
+    keys: KeyRing,
+    mut transport: T,
+    interval: Duration,
+    stats: Arc<DeliveryStats>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let Some(mut consumer) = ring.consumer() else {
+        tracing::error!("the ring already has a consumer; delivery is not running");
+        return;
+    };
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut polled: Vec<Record> = Vec::with_capacity(1024);
+    let mut rng = fastrand::Rng::new();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let now = Instant::now();
+                let room = outbox.room();
+                if room > 0 {
+                    polled.clear();
+                    if let Err(e) = consumer.poll(room, &mut polled) {
+                        stats.ring_errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(error = %e, "ring poll failed; retrying next tick");
+                    }
+                    for rec in polled.drain(..) {
+                        if let Err(u) = outbox.push(rec, now) {
+                            tracing::error!(error = %u, "dropping an undecodable ring record (event lost)");
+                            if let Err(e) = consumer.ack(u.loc) {
+                                tracing::warn!(error = %e, "could not free an undecodable record");
+                            }
+                        }
+                    }
+                }
+                outbox.set_jitter(rng.f64() * 0.4 + 0.8);
+                while let Some(out) = outbox.poll_datagram(now) {
+                    if let Err(e) = transport.send(out.collector, &out).await {
+                        // The records stay in flight and are resent on their deadline.
+                        stats.send_errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(collector = out.collector, error = %e, "send failed");
+                    }
+                }
+                if let Ok(mut s) = stats.outbox.lock() {
+                    *s = outbox.stats();
+                }
+            }
+            r = transport.recv() => {
+                let (from, bytes) = match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "receive failed");
+                        continue;
+                    }
+                };
+                let now = Instant::now();
+                let (header, body) = match datagram::open(&keys, crate::http::now_ms(), &bytes) {
+                    Ok(x) => x,
+                    Err(e) => {
+                        stats.drop_reason(e.reason());
+                        continue;
+                    }
+                };
+                if header.kind != Kind::Ack {
+                    stats.drop_reason("kind");
+                    continue;
+                }
+                let from = if from == UNKNOWN_COLLECTOR { outbox.current_collector() } else { from };
+                match outbox.on_ack(from, body, now) {
+                    Ok(locs) => {
+                        for loc in locs {
+                            if let Err(e) = consumer.ack(loc) {
+                                stats.ring_errors.fetch_add(1, Ordering::Relaxed);
+                                tracing::warn!(error = %e, "ring ack failed");
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        stats.drop_reason(e.reason());
+                        tracing::debug!(from, error = %e, "ack refused");
+                    }
+                }
+            }
+            _ = shutdown.changed() => return,
+        }
+    }
+}
