@@ -51,6 +51,7 @@ pub struct RawConfig {
     /// This edge's id, 0..=65535, unique in the cluster. Required.
     pub edge_id: u16,
     /// Cluster secret, 64 hex characters (32 bytes). Required.
+    #[serde(deserialize_with = "text")]
     pub secret: String,
     /// Previous cluster secrets still accepted for click ids minted before a rotation.
     #[serde(default)]
@@ -71,6 +72,7 @@ pub struct RawConfig {
 #[serde(deny_unknown_fields)]
 pub struct PreviousSecret {
     /// 64 hex characters.
+    #[serde(deserialize_with = "text")]
     pub secret: String,
     /// Accepted until this Unix time in seconds.
     pub accept_until: u64,
@@ -291,15 +293,32 @@ fn apply_env(table: &mut toml::Table, env: &dyn EnvSource) -> anyhow::Result<()>
     Ok(())
 }
 
-/// `42` is an integer, `true` a bool, `["a"]` an array; anything else a string.
+/// `42` is an integer, `true` a bool, `["a"]` an array; anything else
+/// (floats and dates included) a string.
 fn parse_env_value(value: &str) -> toml::Value {
     let probe = format!("v = {value}");
-    match toml::from_str::<toml::Table>(&probe) {
-        Ok(mut t) => t
-            .remove("v")
-            .unwrap_or_else(|| toml::Value::String(value.to_string())),
-        Err(_) => toml::Value::String(value.to_string()),
+    match toml::from_str::<toml::Table>(&probe)
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+    {
+        Some(v @ (toml::Value::Integer(_) | toml::Value::Boolean(_) | toml::Value::Array(_))) => v,
+        _ => toml::Value::String(value.to_string()),
     }
+}
+
+/// A string key that may arrive from the environment looking like a number
+/// (`AFFGATE_SECRET=1234...`): take its text.
+fn text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Scalar {
+        Text(String),
+        Int(i64),
+    }
+    Ok(match Scalar::deserialize(d)? {
+        Scalar::Text(s) => s,
+        Scalar::Int(i) => i.to_string(),
+    })
 }
 
 fn socket_addr(key: &str, value: &str) -> anyhow::Result<SocketAddr> {
@@ -517,6 +536,23 @@ mod tests {
                 "{k}={v}: message `{msg}` should name the key"
             );
         }
+    }
+
+    #[test]
+    fn numeric_looking_strings_stay_strings() {
+        // All digits: a TOML integer too large for i64, so read as text.
+        let digits = "1".repeat(64);
+        let c = Config::from_toml(&minimal(), &env(&[("AFFGATE_SECRET", &digits)])).unwrap();
+        let want = affgate_schema::keys::Keys::derive(&Secret::from_hex(&digits).unwrap());
+        let got = affgate_schema::keys::Keys::derive(&c.secret);
+        assert_eq!(
+            got.click_mac_key(),
+            want.click_mac_key(),
+            "the digits are the secret"
+        );
+        // Float-looking text never becomes a float.
+        let err = Config::from_toml(&minimal(), &env(&[("AFFGATE_SECRET", "1e5")])).unwrap_err();
+        assert!(format!("{err:#}").contains("secret"), "{err:#}");
     }
 
     #[test]
