@@ -86,7 +86,7 @@ echo "== a postback for it: GET /postback?click_id=$click_id&txid=T-1&payout=12.
 curl -sS -i "http://127.0.0.1:$http_port/postback?click_id=$click_id&txid=T-1&payout=12.50&token=demo-postback-token" | grep -Ei '^(HTTP|x-request-id)|^OK'
 
 echo "== the click in ClickHouse (delivered, acknowledged, freed from the ring)"
-q="SELECT click_id, slug, sub1, edge_id, received_ms - ts_ms AS lag_ms FROM affgate.clicks FINAL WHERE click_id = '$click_id' FORMAT PrettyCompact"
+q="SELECT click_id, slug, sub1, edge_id, received_ms - ts_ms AS lag_ms FROM affgate.clicks FINAL WHERE click_id = '$click_id' FORMAT Vertical"
 for _ in $(seq 1 100); do
   n=$(curl -fsS "http://127.0.0.1:8123/" --data-binary "SELECT count() FROM affgate.clicks FINAL WHERE click_id = '$click_id'")
   [ "$n" = "1" ] && break
