@@ -8,8 +8,9 @@
 //! - `store`: the idempotent writers, clicks to ClickHouse
 //!   (`store::clickhouse`), postbacks to the PostgreSQL inbox
 //!   (`store::postgres`), and `StoreError` (retry or reject).
-//! - `ingest`: the UDP socket, write windows (`ingest::window`, the pure
-//!   core) and acks sent only after both stores committed.
+//! - `ingest`: the UDP socket, the QUIC endpoint (`ingest::quic`), write
+//!   windows (`ingest::window`, the pure core) and acks sent only after both
+//!   stores committed.
 //! - `telemetry`: tracing set-up and `/metrics`.
 //!
 //! `main.rs` only parses flags and calls [`run`] or `migrate`; tests drive
@@ -36,6 +37,7 @@ use crate::config::Config;
 #[derive(Debug)]
 pub struct Collector {
     pub udp_addr: Option<SocketAddr>,
+    pub quic_addr: Option<SocketAddr>,
     pub metrics_addr: Option<SocketAddr>,
     pub stats: Arc<ingest::IngestStats>,
     shutdown: watch::Sender<bool>,
@@ -63,6 +65,9 @@ impl Collector {
             clicks: store::clickhouse::ClickStore::new(&cfg.clickhouse),
             inbox: store::postgres::Inbox::new(pool),
         };
+        // UDP and QUIC feed one queue and one writer: one window, one ack per edge.
+        let (tx, rx) = mpsc::channel(ingest::QUEUE);
+        let mut acks = ingest::Acks::default();
         let mut udp_addr = None;
         if let Some(listen) = cfg.udp_listen {
             let sock = Arc::new(
@@ -71,30 +76,39 @@ impl Collector {
                     .with_context(|| format!("bind [ingest] udp_listen {listen}"))?,
             );
             udp_addr = Some(sock.local_addr()?);
-            let (tx, rx) = mpsc::channel(ingest::QUEUE);
+            acks.udp = Some(sock.clone());
             tasks.push(tokio::spawn(ingest::receive(
-                sock.clone(),
-                keys.clone(),
-                tx,
-                stats.clone(),
-                shutdown_rx.clone(),
-            )));
-            tasks.push(tokio::spawn(ingest::write(
-                rx,
                 sock,
-                stores.clone(),
                 keys.clone(),
-                cfg.window,
-                cfg.window_rows.get(),
+                tx.clone(),
                 stats.clone(),
                 shutdown_rx.clone(),
             )));
         }
-        if cfg.quic.is_some() {
-            anyhow::bail!(
-                "[ingest] quic_listen: QUIC ingest is not available in this build yet; use udp_listen"
-            );
+        let mut quic_addr = None;
+        if let Some(q) = &cfg.quic {
+            let endpoint = ingest::quic::endpoint(q, &keys)?;
+            quic_addr = Some(endpoint.local_addr()?);
+            tasks.push(tokio::spawn(ingest::quic::serve(
+                endpoint,
+                keys.clone(),
+                tx.clone(),
+                stats.clone(),
+                acks.quic.clone(),
+                shutdown_rx.clone(),
+            )));
         }
+        drop(tx);
+        tasks.push(tokio::spawn(ingest::write(
+            rx,
+            Arc::new(acks),
+            stores.clone(),
+            keys.clone(),
+            cfg.window,
+            cfg.window_rows.get(),
+            stats.clone(),
+            shutdown_rx.clone(),
+        )));
         let mut metrics_addr = None;
         if let Some(m) = cfg.metrics_listen {
             let l = TcpListener::bind(m)
@@ -109,6 +123,7 @@ impl Collector {
         }
         Ok(Collector {
             udp_addr,
+            quic_addr,
             metrics_addr,
             stats,
             shutdown: shutdown_tx,
@@ -127,13 +142,14 @@ impl Collector {
 }
 
 /// Run until `shutdown` resolves. Prints one line with the bound addresses
-/// on stdout (`affgate-collector listening udp=ADDR|- metrics=ADDR|-`).
+/// on stdout (`affgate-collector listening udp=ADDR|- quic=ADDR|- metrics=ADDR|-`).
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let c = Collector::start(cfg).await?;
     let show = |a: Option<SocketAddr>| a.map(|a| a.to_string()).unwrap_or_else(|| "-".into());
     println!(
-        "affgate-collector listening udp={} metrics={}",
+        "affgate-collector listening udp={} quic={} metrics={}",
         show(c.udp_addr),
+        show(c.quic_addr),
         show(c.metrics_addr)
     );
     tracing::info!("collector serving");

@@ -168,7 +168,16 @@ pub struct DeliverySection {
     /// Batch flush period, milliseconds. Default 10.
     pub flush_interval_ms: u64,
     /// Largest datagram, bytes. Default 1200 (fits any path MTU of 1280 with IPv6 and UDP headers).
+    /// With `quic`, batches are packed to at most 1100 bytes whatever this says, so that
+    /// one fits a QUIC datagram on any path; a larger one goes on a stream.
     pub max_datagram_bytes: usize,
+    /// PEM file of the certificate(s) trusted for collectors: their own
+    /// (self-signed) certificates or the CA that issued them. Required when
+    /// `transport = "quic"`. Default: none.
+    pub quic_ca: Option<PathBuf>,
+    /// TLS server name the collectors' certificates must carry (a DNS
+    /// subjectAltName), whatever address `collectors` dials. Default `affgate-collector`.
+    pub quic_server_name: String,
 }
 
 impl Default for DeliverySection {
@@ -178,6 +187,8 @@ impl Default for DeliverySection {
             transport: "udp".into(),
             flush_interval_ms: 10,
             max_datagram_bytes: 1200,
+            quic_ca: None,
+            quic_server_name: "affgate-collector".into(),
         }
     }
 }
@@ -194,6 +205,15 @@ pub struct MetricsSection {
 pub enum Transport {
     Udp,
     Quic,
+}
+
+/// How the edge authenticates collectors over QUIC.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuicClientConfig {
+    /// `[delivery] quic_ca`
+    pub ca: PathBuf,
+    /// `[delivery] quic_server_name`, checked to be a valid DNS name.
+    pub server_name: String,
 }
 
 /// Where links come from.
@@ -226,6 +246,8 @@ pub struct Config {
     pub spill_dir: PathBuf,
     pub collectors: Vec<String>,
     pub transport: Transport,
+    /// Set exactly when `transport` is [`Transport::Quic`].
+    pub quic: Option<QuicClientConfig>,
     pub flush_interval: Duration,
     pub max_datagram_bytes: usize,
     pub metrics_listen: Option<SocketAddr>,
@@ -403,6 +425,22 @@ impl RawConfig {
             "quic" => Transport::Quic,
             other => bail!("[delivery] transport: `{other}` is not `udp` or `quic`"),
         };
+        let quic = match (transport, &self.delivery.quic_ca) {
+            (Transport::Quic, Some(ca)) => {
+                let name = &self.delivery.quic_server_name;
+                if rustls::pki_types::ServerName::try_from(name.as_str()).is_err() {
+                    bail!("[delivery] quic_server_name: `{name}` is not a DNS name");
+                }
+                Some(QuicClientConfig {
+                    ca: ca.clone(),
+                    server_name: name.clone(),
+                })
+            }
+            (Transport::Quic, None) => {
+                bail!("[delivery] quic_ca: required when transport = \"quic\"")
+            }
+            (Transport::Udp, _) => None,
+        };
         for c in &self.delivery.collectors {
             if !c.contains(':') {
                 bail!("[delivery] collectors: `{c}` is not host:port");
@@ -434,6 +472,7 @@ impl RawConfig {
             spill_dir: self.buffer.spill_dir,
             collectors: self.delivery.collectors,
             transport,
+            quic,
             flush_interval: Duration::from_millis(self.delivery.flush_interval_ms),
             max_datagram_bytes: self.delivery.max_datagram_bytes,
             metrics_listen,
@@ -487,6 +526,7 @@ mod tests {
                 ("AFFGATE_HTTP_LISTEN", "127.0.0.1:9999"),
                 ("AFFGATE_DELIVERY_COLLECTORS", "[\"a:1\", \"b:2\"]"),
                 ("AFFGATE_DELIVERY_TRANSPORT", "quic"),
+                ("AFFGATE_DELIVERY_QUIC_CA", "/etc/affgate/collector-ca.pem"),
                 ("AFFGATE_BUFFER_SIZE_MB", "8"),
                 ("AFFGATE_CONFIG", "/ignored.toml"),
                 ("HOME", "/root"),
@@ -497,7 +537,35 @@ mod tests {
         assert_eq!(c.listen, "127.0.0.1:9999".parse().unwrap());
         assert_eq!(c.collectors, vec!["a:1".to_string(), "b:2".to_string()]);
         assert_eq!(c.transport, Transport::Quic);
+        assert_eq!(
+            c.quic,
+            Some(QuicClientConfig {
+                ca: PathBuf::from("/etc/affgate/collector-ca.pem"),
+                server_name: "affgate-collector".into(),
+            }),
+            "quic_server_name defaults to affgate-collector"
+        );
         assert_eq!(c.ring_bytes, 8 << 20);
+    }
+
+    #[test]
+    fn quic_needs_a_ca_and_a_dns_server_name() {
+        let err = Config::from_toml(&minimal(), &env(&[("AFFGATE_DELIVERY_TRANSPORT", "quic")]))
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("quic_ca"), "{err:#}");
+        let err = Config::from_toml(
+            &minimal(),
+            &env(&[
+                ("AFFGATE_DELIVERY_TRANSPORT", "quic"),
+                ("AFFGATE_DELIVERY_QUIC_CA", "/ca.pem"),
+                ("AFFGATE_DELIVERY_QUIC_SERVER_NAME", "not a name"),
+            ]),
+        )
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("quic_server_name"), "{err:#}");
+        let c = Config::from_toml(&minimal(), &env(&[("AFFGATE_DELIVERY_QUIC_CA", "/ca.pem")]))
+            .unwrap();
+        assert!(c.quic.is_none(), "quic_ca is ignored with udp");
     }
 
     #[test]

@@ -123,28 +123,37 @@ impl Edge {
         let boot_nonce = http::now_ms() ^ (u64::from(std::process::id()) << 40);
         let delivery = Arc::new(DeliveryStats::default());
         if !cfg.collectors.is_empty() {
+            let max_batch = match cfg.transport {
+                Transport::Udp => cfg.max_datagram_bytes,
+                Transport::Quic => cfg.max_datagram_bytes.min(flush::quic::MAX_BATCH_BYTES),
+            };
             let outbox = Outbox::new(
-                OutboxConfig::new(cfg.edge_id, cfg.collectors.len(), cfg.max_datagram_bytes),
+                OutboxConfig::new(cfg.edge_id, cfg.collectors.len(), max_batch),
                 keys.current().clone(),
             )
             .with_first_nonce(http::now_ms() << 16);
-            match cfg.transport {
-                Transport::Udp => {
-                    let t = flush::udp::UdpTransport::bind(&cfg.collectors).await?;
+            macro_rules! deliver {
+                ($t:expr) => {
                     background.push(tokio::spawn(flush::shell::run(
                         ring.clone(),
                         outbox,
                         keys.clone(),
-                        t,
+                        $t,
                         cfg.flush_interval,
                         delivery.clone(),
                         shutdown_rx.clone(),
-                    )));
+                    )))
+                };
+            }
+            match (cfg.transport, &cfg.quic) {
+                (Transport::Udp, _) => {
+                    deliver!(flush::udp::UdpTransport::bind(&cfg.collectors).await?)
                 }
-                Transport::Quic => {
-                    anyhow::bail!(
-                        "[delivery] transport: `quic` is not available in this build yet; use `udp`"
-                    )
+                (Transport::Quic, Some(q)) => {
+                    deliver!(flush::quic::QuicTransport::bind(&cfg.collectors, q).await?)
+                }
+                (Transport::Quic, None) => {
+                    anyhow::bail!("[delivery] quic_ca: required when transport = \"quic\"")
                 }
             }
         } else {

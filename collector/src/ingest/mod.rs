@@ -2,16 +2,19 @@
 //!
 //! - `window.rs`: the pure core: gather batches, dedup within a window,
 //!   decide when to write, and what to acknowledge afterwards.
-//! - this file: the shell. A receiver task owns the socket's read side: it
-//!   opens each datagram (MAC first; nothing unauthenticated is decoded) and
-//!   hands batch bodies to the writer over a bounded queue (full: the
-//!   datagram is dropped and counted; the edge resends). The writer task
-//!   fills the window, writes it to ClickHouse and PostgreSQL when due, and
-//!   sends the acks only when both writes committed.
+//! - `quic.rs`: the QUIC endpoint: datagrams and unidirectional streams in,
+//!   ack datagrams out on the connection a batch came on.
+//! - this file: the shell. A receiver task owns the UDP socket's read side:
+//!   it opens each datagram (MAC first; nothing unauthenticated is decoded)
+//!   and hands batch bodies to the writer over a bounded queue (full: the
+//!   datagram is dropped and counted; the edge resends). QUIC connections
+//!   feed the same queue. The one writer task fills the window, writes it to
+//!   ClickHouse and PostgreSQL when due, and sends the acks only when both
+//!   writes committed, each back the way its batch came ([`Acks`]).
 
+pub mod quic;
 pub mod window;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -23,10 +26,11 @@ use tokio::sync::{mpsc, watch};
 
 use crate::store::clickhouse::ClickStore;
 use crate::store::postgres::Inbox;
-use window::{Peer, Taken, Window};
+use window::{Peer, Route, Taken, Window};
 
 /// Reasons an incoming datagram is dropped (closed set: metric labels).
-pub const DROP_REASONS: [&str; 8] = [
+/// `too_large`: a QUIC stream longer than [`quic::MAX_STREAM_BYTES`].
+pub const DROP_REASONS: [&str; 9] = [
     "too_short",
     "magic",
     "version",
@@ -35,6 +39,7 @@ pub const DROP_REASONS: [&str; 8] = [
     "decode",
     "edge_id",
     "overload",
+    "too_large",
 ];
 
 /// Ranges per ack datagram: 16 bytes each keeps an ack well under 1200 bytes.
@@ -100,40 +105,63 @@ pub async fn receive(
             },
             _ = shutdown.changed() => return,
         };
-        stats.datagrams.fetch_add(1, Ordering::Relaxed);
-        let (header, body) = match datagram::open(&keys, now_ms(), &buf[..n]) {
-            Ok(x) => x,
-            Err(e) => {
-                stats.drop_reason(e.reason());
-                continue;
-            }
-        };
-        if header.kind != Kind::Batch {
-            stats.drop_reason("kind");
-            continue;
+        accept(&keys, &buf[..n], Route::Udp(addr), &tx, &stats);
+    }
+}
+
+/// Count one datagram (or QUIC stream), open it, and queue its batch body
+/// for the writer; dropped and counted by reason if it fails.
+pub fn accept(
+    keys: &KeyRing,
+    bytes: &[u8],
+    route: Route,
+    tx: &mpsc::Sender<(Peer, Vec<u8>)>,
+    stats: &IngestStats,
+) {
+    stats.datagrams.fetch_add(1, Ordering::Relaxed);
+    let (header, body) = match datagram::open(keys, now_ms(), bytes) {
+        Ok(x) => x,
+        Err(e) => {
+            stats.drop_reason(e.reason());
+            return;
         }
-        let peer = Peer {
-            edge_id: header.edge_id,
-            addr,
-        };
-        if tx.try_send((peer, body.to_vec())).is_err() {
-            stats.drop_reason("overload");
-        }
+    };
+    if header.kind != Kind::Batch {
+        stats.drop_reason("kind");
+        return;
+    }
+    let peer = Peer {
+        edge_id: header.edge_id,
+        route,
+    };
+    if tx.try_send((peer, body.to_vec())).is_err() {
+        stats.drop_reason("overload");
     }
 }
 
 /// Where acks go out.
 pub trait AckSink: Send + Sync {
-    fn send_ack(
-        &self,
-        to: SocketAddr,
-        bytes: &[u8],
-    ) -> impl Future<Output = std::io::Result<()>> + Send;
+    fn send_ack(&self, to: Route, bytes: &[u8])
+    -> impl Future<Output = std::io::Result<()>> + Send;
 }
 
-impl AckSink for UdpSocket {
-    async fn send_ack(&self, to: SocketAddr, bytes: &[u8]) -> std::io::Result<()> {
-        self.send_to(bytes, to).await.map(|_| ())
+/// The collector's ack sink: UDP acks from the ingest socket, QUIC acks as
+/// datagrams on the connection the batch came on.
+#[derive(Debug, Default)]
+pub struct Acks {
+    pub udp: Option<Arc<UdpSocket>>,
+    pub quic: quic::Connections,
+}
+
+impl AckSink for Acks {
+    async fn send_ack(&self, to: Route, bytes: &[u8]) -> std::io::Result<()> {
+        match to {
+            Route::Udp(addr) => match &self.udp {
+                Some(sock) => sock.send_to(bytes, addr).await.map(|_| ()),
+                None => Err(std::io::Error::other("no udp socket")),
+            },
+            Route::Quic(id) => self.quic.send_datagram(id, bytes),
+        }
     }
 }
 
@@ -271,12 +299,12 @@ async fn commit<S: AckSink>(
                 &body,
                 &mut sealed,
             );
-            match sink.send_ack(peer.addr, &sealed).await {
+            match sink.send_ack(peer.route, &sealed).await {
                 Ok(()) => {
                     stats.acks_sent.fetch_add(1, Ordering::Relaxed);
                 }
                 // A lost ack only means a resend, deduplicated by the stores.
-                Err(e) => tracing::debug!(to = %peer.addr, error = %e, "ack send failed"),
+                Err(e) => tracing::debug!(to = %peer.route, error = %e, "ack send failed"),
             }
         }
     }

@@ -25,7 +25,26 @@ use affgate_schema::event::{Click, Event, Postback, event_from_reader};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Peer {
     pub edge_id: u16,
-    pub addr: SocketAddr,
+    pub route: Route,
+}
+
+/// Where a batch came from, so its ack goes back the same way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Route {
+    /// A UDP datagram from this address: the ack goes there.
+    Udp(SocketAddr),
+    /// A QUIC connection (its `stable_id` on this collector's endpoint): the
+    /// ack goes back on it as a datagram.
+    Quic(usize),
+}
+
+impl std::fmt::Display for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Route::Udp(a) => write!(f, "udp {a}"),
+            Route::Quic(id) => write!(f, "quic connection {id}"),
+        }
+    }
 }
 
 /// Why a batch body was refused (closed set: metric labels).
@@ -292,7 +311,7 @@ mod tests {
     fn peer(edge: u16) -> Peer {
         Peer {
             edge_id: edge,
-            addr: "127.0.0.1:9".parse().unwrap(),
+            route: Route::Udp("127.0.0.1:9".parse().unwrap()),
         }
     }
 
@@ -314,6 +333,27 @@ mod tests {
         assert_eq!(t.acks, vec![(peer(1), vec![(5, 6)])]);
         assert!(w.is_empty());
         assert_eq!(w.duplicates, 2);
+    }
+
+    #[test]
+    fn each_route_of_an_edge_gets_the_acks_of_what_came_on_it() {
+        let mut w = Window::new(Duration::from_millis(10), 100);
+        let now = Instant::now();
+        let quic = Peer {
+            edge_id: 1,
+            route: Route::Quic(7),
+        };
+        w.add_batch(peer(1), &batch_body(1, &[(1, click("a"))]), true, now)
+            .unwrap();
+        w.add_batch(quic, &batch_body(1, &[(2, click("b"))]), true, now)
+            .unwrap();
+        let t = w.take();
+        assert_eq!(t.clicks.len(), 2);
+        assert_eq!(
+            t.acks,
+            vec![(peer(1), vec![(1, 1)]), (quic, vec![(2, 2)])],
+            "an edge that moved from UDP to QUIC mid-window hears about each batch on its own route"
+        );
     }
 
     #[test]
