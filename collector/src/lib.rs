@@ -25,7 +25,7 @@ pub mod telemetry;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use affgate_schema::keys::{KeyRing, Keys};
+use affgate_schema::keys::KeyRing;
 use anyhow::Context;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::{mpsc, watch};
@@ -46,10 +46,7 @@ pub struct Collector {
 
 /// The key ring of a config: the current secret and the still-accepted previous ones.
 pub fn key_ring(cfg: &Config) -> KeyRing {
-    cfg.previous_secrets.iter().fold(
-        KeyRing::new(Keys::derive(&cfg.secret)),
-        |ring, (s, until)| ring.with_previous(Keys::derive(s), *until),
-    )
+    KeyRing::from_secrets(&cfg.secret, &cfg.previous_secrets)
 }
 
 impl Collector {

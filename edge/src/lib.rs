@@ -68,10 +68,7 @@ pub struct Edge {
 
 /// The key ring of a config: the current secret and the still-accepted previous ones.
 pub fn key_ring(cfg: &Config) -> KeyRing {
-    cfg.previous_secrets.iter().fold(
-        KeyRing::new(Keys::derive(&cfg.secret)),
-        |ring, (s, until)| ring.with_previous(Keys::derive(s), *until),
-    )
+    KeyRing::from_secrets(&cfg.secret, &cfg.previous_secrets)
 }
 
 impl Edge {

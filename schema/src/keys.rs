@@ -124,6 +124,16 @@ impl KeyRing {
         }
     }
 
+    /// The ring of a configuration: keys derived from the current secret,
+    /// and from each previous secret with the unix-ms time it is accepted until.
+    pub fn from_secrets(current: &Secret, previous: &[(Secret, u64)]) -> KeyRing {
+        previous
+            .iter()
+            .fold(KeyRing::new(Keys::derive(current)), |ring, (s, until)| {
+                ring.with_previous(Keys::derive(s), *until)
+            })
+    }
+
     /// Also accept `previous` until `accept_until_ms` (inclusive, unix ms).
     pub fn with_previous(mut self, previous: Keys, accept_until_ms: u64) -> KeyRing {
         self.previous.push((previous, accept_until_ms));

@@ -1,0 +1,142 @@
+#!/usr/bin/env bash
+# Load harness: clicks from wrk through an edge, UDP batches and a collector
+# into ClickHouse, against ClickHouse's own insert rate for the same rows.
+#
+#   benches/load_delivery.sh [seconds]      (default 60; AFFGATE_LOAD_CONNS=64)
+#
+# What it does, all on 127.0.0.1:
+#  1. starts the stack (deploy/services.sh), builds release binaries;
+#  2. a links file of 10,000 slugs, a collector (own ClickHouse database
+#     affgate_load) and an edge delivering to it;
+#  3. wrk, keep-alive, 64 connections, a random slug per request, for the
+#     given time;
+#  4. waits until ClickHouse holds every click the edge minted (zero loss is
+#     checked, not assumed) and reports clicks/s, drain time after wrk
+#     stopped, and delivery lag percentiles (collector receive time minus
+#     click time, per row);
+#  5. the ceiling: the same rows exported as TSV and inserted by
+#     clickhouse-client into a copy of the table; reports its rows/s and the
+#     ratio.
+# Bounded: wrk runs for the given seconds; every wait has a deadline.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+secs=${1:-60}
+conns=${AFFGATE_LOAD_CONNS:-64}
+db=affgate_load
+
+./deploy/install.sh >/dev/null
+./deploy/services.sh start >/dev/null
+command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
+cargo build --release --locked -q -p affgate-edge -p affgate-collector
+edge="$root/target/release/affgate-edge"
+collector="$root/target/release/affgate-collector"
+
+work=$(mktemp -d /tmp/affgate-load.XXXXXX)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+ch() { curl -fsS "http://127.0.0.1:8123/" --data-binary "$1"; }
+ch "DROP DATABASE IF EXISTS $db" >/dev/null
+
+secret=$(openssl rand -hex 32)
+{
+  echo "slug,link_id,destination"
+  for i in $(seq 0 9999); do echo "s$i,$((i + 1)),https://merchant.example/p?c={click_id}"; done
+} >"$work/links.csv"
+echo "network_id,name,postback_token" >"$work/networks.csv"
+
+udp_port=$(python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+cat >"$work/collector.toml" <<TOML
+secret = "$secret"
+[ingest]
+udp_listen = "127.0.0.1:$udp_port"
+[clickhouse]
+url = "http://127.0.0.1:8123"
+database = "$db"
+[postgres]
+url = "postgres://affgate:affgate@127.0.0.1:5432/affgate"
+[metrics]
+listen = "127.0.0.1:0"
+TOML
+cat >"$work/edge.toml" <<TOML
+edge_id = 1
+secret = "$secret"
+[http]
+listen = "127.0.0.1:0"
+[links]
+file = "$work/links.csv"
+networks_file = "$work/networks.csv"
+[buffer]
+path = "/dev/shm/affgate-load-$$.ring"
+size_mb = 512
+spill_dir = "$work/spill"
+[delivery]
+collectors = ["127.0.0.1:$udp_port"]
+[metrics]
+listen = "127.0.0.1:0"
+TOML
+rm -f "/dev/shm/affgate-load-$$.ring"
+
+"$collector" --config "$work/collector.toml" migrate >/dev/null
+"$collector" --config "$work/collector.toml" >"$work/collector.out" 2>"$work/collector.log" &
+pids+=($!)
+"$edge" --config "$work/edge.toml" >"$work/edge.out" 2>"$work/edge.log" &
+pids+=($!)
+for _ in $(seq 1 100); do grep -q listening "$work/edge.out" 2>/dev/null && break; sleep 0.1; done
+http=$(sed -n 's/.* http=\([^ ]*\).*/\1/p' "$work/edge.out")
+[ -n "$http" ] || { echo "edge did not start: $(cat "$work/edge.log")" >&2; exit 1; }
+
+cat >"$work/random.lua" <<'LUA'
+math.randomseed(42)
+request = function()
+  return wrk.format("GET", "/c/s" .. math.random(0, 9999))
+end
+LUA
+
+echo "== wrk: ${secs}s, $conns connections, random slugs, edge at $http"
+wrk -t1 -c"$conns" -d"${secs}s" --latency -s "$work/random.lua" "http://$http" | tee "$work/wrk.txt"
+stopped=$(date +%s%N)
+
+minted=$(( $("$edge" --config "$work/edge.toml" ring inspect | sed -n 's/^next_seq: //p') - 1 ))
+echo "== waiting for ClickHouse to hold all $minted clicks"
+deadline=$(( $(date +%s) + 300 ))
+while :; do
+  n=$(ch "SELECT count() FROM $db.clicks FINAL")
+  [ "$n" -ge "$minted" ] && break
+  [ "$(date +%s)" -lt "$deadline" ] || { echo "only $n of $minted clicks after 300 s" >&2; exit 1; }
+  sleep 0.2
+done
+drained=$(date +%s%N)
+first_last=$(ch "SELECT min(received_ms), max(received_ms) FROM $db.clicks FORMAT TSV")
+lag=$(ch "SELECT arrayStringConcat(arrayMap(x -> toString(round(x)), quantiles(0.5, 0.9, 0.99, 0.999)(received_ms - ts_ms)), ' / ') FROM $db.clicks")
+distinct=$(ch "SELECT uniqExact(click_id) FROM $db.clicks")
+[ "$distinct" -eq "$minted" ] || { echo "LOSS OR EXTRA: $distinct distinct ids in ClickHouse, $minted minted" >&2; exit 1; }
+
+read -r first last <<<"$first_last"
+span_ms=$(( last - first ))
+rate=$(( minted * 1000 / (span_ms > 0 ? span_ms : 1) ))
+
+echo "== ceiling: clickhouse-client inserting the same $minted rows (TSV)"
+ch "CREATE TABLE $db.ceiling AS $db.clicks" >/dev/null
+ch "SELECT * FROM $db.clicks FORMAT TabSeparated" >"$work/clicks.tsv"
+t0=$(date +%s%N)
+clickhouse-client --query "INSERT INTO $db.ceiling FORMAT TabSeparated" <"$work/clicks.tsv"
+t1=$(date +%s%N)
+ceiling=$(( minted * 1000000000 / (t1 - t0) ))
+
+echo
+echo "clicks minted (302s):            $minted"
+echo "clicks in ClickHouse (distinct): $distinct   (zero loss, zero extra)"
+echo "edge->ClickHouse rate:           $rate clicks/s (first to last arrival)"
+echo "drain after wrk stopped:         $(( (drained - stopped) / 1000000 )) ms"
+echo "delivery lag p50/p90/p99/p99.9:  $lag ms"
+echo "clickhouse-client ceiling:       $ceiling rows/s"
+echo "ratio (pipeline / ceiling):      $(python3 -c "print(f'{$rate/$ceiling:.2f}')")"
+ch "DROP DATABASE IF EXISTS $db" >/dev/null
+rm -f "/dev/shm/affgate-load-$$.ring"
