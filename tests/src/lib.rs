@@ -1081,6 +1081,127 @@ impl Drop for CollectorProc {
     }
 }
 
+// ---------------------------------------------------------------- Delivery transports
+
+/// How a test edge delivers to its collector: `[delivery] transport`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Udp,
+    Quic,
+}
+
+/// A self-signed end-entity certificate for `affgate-collector` and its
+/// key, made with `openssl` into `dir` (as docs/delivery.md tells an
+/// operator to): `(cert, key)`.
+pub fn make_collector_cert(dir: &Path) -> (PathBuf, PathBuf) {
+    let (cert, key) = (dir.join("collector.pem"), dir.join("collector.key"));
+    let out = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+        .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"])
+        .args(["-subj", "/CN=affgate-collector"])
+        .args(["-addext", "subjectAltName=DNS:affgate-collector"])
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl req failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (cert, key)
+}
+
+/// One test's delivery wiring over one [`Transport`]. Over QUIC it holds a
+/// collector certificate (in a temp dir that lives as long as it does): the
+/// collectors it starts serve QUIC with it on a port of their own, kept
+/// across restarts (and the harness's UDP port, unused then), and the edges
+/// it configures trust it.
+#[derive(Debug)]
+pub struct DeliveryLink {
+    pub transport: Transport,
+    quic: Option<(PathBuf, PathBuf, tempfile::TempDir)>,
+}
+
+impl DeliveryLink {
+    pub fn new(transport: Transport) -> DeliveryLink {
+        let quic = (transport == Transport::Quic).then(|| {
+            let tmp = tempfile::tempdir().expect("tempdir");
+            let (cert, key) = make_collector_cert(tmp.path());
+            (cert, key, tmp)
+        });
+        DeliveryLink { transport, quic }
+    }
+
+    /// A started collector on `stack` and the address edges deliver to.
+    pub fn start_collector(&self, stack: &Stack) -> (CollectorProc, SocketAddr) {
+        let (mut c, at) = self.unstarted_collector(stack);
+        c.restart();
+        (c, at)
+    }
+
+    /// A configured, migrated collector not started yet (`restart()` starts
+    /// it) and the address edges deliver to.
+    pub fn unstarted_collector(&self, stack: &Stack) -> (CollectorProc, SocketAddr) {
+        match &self.quic {
+            None => {
+                let c = CollectorProc::unstarted(stack);
+                let at = c.udp;
+                (c, at)
+            }
+            Some((cert, key, _)) => {
+                let quic: SocketAddr = format!("127.0.0.1:{}", free_udp_port())
+                    .parse()
+                    .expect("a socket address");
+                let opts = CollectorOpts {
+                    env: vec![
+                        ("AFFGATE_INGEST_QUIC_LISTEN".into(), quic.to_string()),
+                        (
+                            "AFFGATE_INGEST_QUIC_CERT".into(),
+                            cert.display().to_string(),
+                        ),
+                        ("AFFGATE_INGEST_QUIC_KEY".into(), key.display().to_string()),
+                    ],
+                    ..CollectorOpts::default()
+                };
+                (CollectorProc::unstarted_with(stack, &opts), quic)
+            }
+        }
+    }
+
+    /// `opts` delivering to `collectors` over this transport: UDP through
+    /// the `[delivery]` table, QUIC through `AFFGATE_DELIVERY_*`.
+    pub fn edge_opts(&self, collectors: &[SocketAddr], opts: EdgeOpts) -> EdgeOpts {
+        match &self.quic {
+            None => EdgeOpts {
+                extra_toml: format!("{}{}", opts.extra_toml, delivery_toml(collectors)),
+                ..opts
+            },
+            Some((cert, _, _)) => {
+                let list = collectors
+                    .iter()
+                    .map(|a| format!("\"{a}\""))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let mut env = opts.env.clone();
+                env.extend([
+                    ("AFFGATE_DELIVERY_TRANSPORT".into(), "quic".into()),
+                    (
+                        "AFFGATE_DELIVERY_QUIC_CA".into(),
+                        cert.display().to_string(),
+                    ),
+                    ("AFFGATE_DELIVERY_COLLECTORS".into(), format!("[{list}]")),
+                ]);
+                EdgeOpts { env, ..opts }
+            }
+        }
+    }
+}
+
 // ---------------------------------------------------------------- Lossy relay
 
 /// How a [`Relay`] mistreats datagrams; probabilities per datagram, each
@@ -1508,6 +1629,44 @@ fn traffic_client(
         }
     }
     sent
+}
+
+/// One keep-alive client sending `n` clicks to slug `load` whose records
+/// are as large as the edge makes them (five 256-byte subs, 512-byte
+/// User-Agent, 1 KiB Referer): each is an oversize batch of its own (over
+/// QUIC on a stream). A cut-off connection ends it (`cut_off` 1).
+pub fn big_clicks(addr: SocketAddr, n: usize, pace: Duration) -> std::thread::JoinHandle<Sent> {
+    std::thread::spawn(move || {
+        let pad = |c: char, len: usize| std::iter::repeat_n(c, len).collect::<String>();
+        let subs: String = (1..=5)
+            .map(|i| format!("sub{i}={}", enc(&pad(char::from(b'a' + i), 256))))
+            .collect::<Vec<_>>()
+            .join("&");
+        let ua = format!("Mozilla/5.0 {}", pad('u', 600));
+        let referer = format!("https://ref.example/{}", pad('r', 1100));
+        let mut sent = Sent::default();
+        let mut client = Client::connect(addr);
+        for i in 0..n {
+            let target = format!("/c/load?{subs}&n={i}");
+            let headers = [("User-Agent", ua.as_str()), ("Referer", referer.as_str())];
+            match client.try_request("GET", &target, &headers, b"") {
+                Ok(r) => match (r.status == 302)
+                    .then(|| r.header("location").and_then(click_id_in))
+                    .flatten()
+                {
+                    Some(cid) => sent.clicks.push(cid),
+                    None => sent.unexpected.push(format!("big click {}", r.status)),
+                },
+                Err(e) => {
+                    sent.cut_off += 1;
+                    sent.errors.push(e.to_string());
+                    return sent;
+                }
+            }
+            std::thread::sleep(pace);
+        }
+        sent
+    })
 }
 
 /// Wait until every click id in `sent` is in `clicks` and every postback

@@ -1,6 +1,9 @@
 //! Delivery end to end: real `affgate-edge` and `affgate-collector`
-//! binaries, UDP datagrams between them, and this test's own ClickHouse and
-//! PostgreSQL databases on the shared servers (`deploy/services.sh start`).
+//! binaries, and this test's own ClickHouse and PostgreSQL databases on the
+//! shared servers (`deploy/services.sh start`). Each scenario runs over both
+//! transports, `[delivery] transport = "udp"` and `"quic"` (a certificate
+//! made with `openssl`, see [`DeliveryLink`]): `x_udp` and `x_quic` call the
+//! same scenario function.
 //!
 //! Every test ends with the same check: each click id a client received in a
 //! 302 is in `clicks FINAL` exactly once and nothing else is there; each
@@ -9,7 +12,8 @@
 //! (nothing unacknowledged, nothing spilled). The faults on the way: none;
 //! a collector and then an edge killed with SIGKILL mid-stream and
 //! restarted; a relay losing, duplicating and reordering datagrams both
-//! ways; a collector that is not there yet while a 1 MiB ring spills.
+//! ways (over QUIC the relay forwards QUIC packets); a collector that is not
+//! there yet while a 1 MiB ring spills.
 //!
 //! Loads are bounded in requests and time; waits poll with deadlines.
 
@@ -17,8 +21,9 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use affgate_tests::{
-    CollectorProc, EdgeOpts, EdgeProc, Relay, RelayOpts, Sent, Stack, Traffic, TrafficSpec,
-    assert_exactly_once, delivery_toml, metric_value, wait_for, wait_for_every, wait_ring_drained,
+    CollectorProc, DeliveryLink, EdgeOpts, EdgeProc, Relay, RelayOpts, Sent, Stack, Traffic,
+    TrafficSpec, Transport, assert_exactly_once, big_clicks, metric_value, wait_for,
+    wait_for_every, wait_ring_drained,
 };
 
 const TOKEN: &str = "delivery-network-token";
@@ -28,15 +33,18 @@ const DELIVERED: Duration = Duration::from_secs(60);
 const DRAINED: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_millis(100);
 
-fn edge_opts(collector: SocketAddr, size_mb: u64) -> EdgeOpts {
-    EdgeOpts {
-        edge_id: 3,
-        links_csv: "slug,link_id,destination\nload,91,https://m.example/l?cid={click_id}\n".into(),
-        networks_csv: format!("network_id,name,postback_token\n9,Delivery,{TOKEN}\n"),
-        size_mb,
-        extra_toml: delivery_toml(&[collector]),
-        ..EdgeOpts::default()
-    }
+fn edge_opts(link: &DeliveryLink, collector: SocketAddr, size_mb: u64) -> EdgeOpts {
+    link.edge_opts(
+        &[collector],
+        EdgeOpts {
+            edge_id: 3,
+            links_csv: "slug,link_id,destination\nload,91,https://m.example/l?cid={click_id}\n"
+                .into(),
+            networks_csv: format!("network_id,name,postback_token\n9,Delivery,{TOKEN}\n"),
+            size_mb,
+            ..EdgeOpts::default()
+        },
+    )
 }
 
 fn spec(max_requests: u64) -> TrafficSpec {
@@ -98,11 +106,28 @@ fn assert_settled(stack: &Stack, ids: &[String]) {
     assert_eq!(uniq, n, "every click id's copies collapse under FINAL");
 }
 
+fn tag(what: &str, link: &DeliveryLink) -> String {
+    match link.transport {
+        Transport::Udp => format!("{what}_udp"),
+        Transport::Quic => format!("{what}_quic"),
+    }
+}
+
 #[test]
-fn every_answered_event_lands_exactly_once() {
-    let stack = Stack::new("happy");
-    let collector = CollectorProc::start(&stack);
-    let edge = EdgeProc::start(&edge_opts(collector.udp, 4));
+fn every_answered_event_lands_exactly_once_udp() {
+    every_answered_event_lands_exactly_once(Transport::Udp);
+}
+
+#[test]
+fn every_answered_event_lands_exactly_once_quic() {
+    every_answered_event_lands_exactly_once(Transport::Quic);
+}
+
+fn every_answered_event_lands_exactly_once(transport: Transport) {
+    let link = DeliveryLink::new(transport);
+    let stack = Stack::new(&tag("happy", &link));
+    let (collector, at) = link.start_collector(&stack);
+    let edge = EdgeProc::start(&edge_opts(&link, at, 4));
 
     let sent = Traffic::start(edge.http, &spec(3_000)).join();
     assert_served(&sent, "the load");
@@ -132,10 +157,22 @@ fn every_answered_event_lands_exactly_once() {
 }
 
 #[test]
-fn collector_and_edge_killed_mid_stream_lose_and_double_nothing() {
-    let stack = Stack::new("kill");
-    let mut collector = CollectorProc::start(&stack);
-    let opts = edge_opts(collector.udp, 4);
+fn collector_and_edge_killed_mid_stream_lose_and_double_nothing_udp() {
+    collector_and_edge_killed_mid_stream_lose_and_double_nothing(Transport::Udp);
+}
+
+#[test]
+fn collector_and_edge_killed_mid_stream_lose_and_double_nothing_quic() {
+    collector_and_edge_killed_mid_stream_lose_and_double_nothing(Transport::Quic);
+}
+
+/// Alongside the load, one client sends clicks too large for one datagram
+/// (over QUIC: each on a stream of its own) through both kills.
+fn collector_and_edge_killed_mid_stream_lose_and_double_nothing(transport: Transport) {
+    let link = DeliveryLink::new(transport);
+    let stack = Stack::new(&tag("kill", &link));
+    let (mut collector, at) = link.start_collector(&stack);
+    let opts = edge_opts(&link, at, 4);
     let mut first = EdgeProc::start(&opts);
     let threads = 2;
     let load_spec = TrafficSpec {
@@ -147,6 +184,7 @@ fn collector_and_edge_killed_mid_stream_lose_and_double_nothing() {
         ..spec(0)
     };
     let load = Traffic::start(first.http, &load_spec);
+    let big = big_clicks(first.http, 400, Duration::from_millis(20));
 
     wait_for_every(
         "the first collector to commit clicks",
@@ -162,9 +200,10 @@ fn collector_and_edge_killed_mid_stream_lose_and_double_nothing() {
         || (load.responses() >= at_kill + 300 || load.alive() < threads).then_some(()),
     );
     collector.restart();
+    // Over QUIC the edge may first wait out its old connection.
     wait_for_every(
         "the restarted collector to commit clicks",
-        Duration::from_secs(20),
+        Duration::from_secs(30),
         POLL,
         || (collector.metric("affgate_collector_clicks_written_total")? > 0.0).then_some(()),
     );
@@ -179,18 +218,28 @@ fn collector_and_edge_killed_mid_stream_lose_and_double_nothing() {
         threads,
         "every client is still sending when the edge is killed"
     );
+    assert!(
+        edge_metric(&first, "affgate_edge_delivery_oversize_datagrams_total") > 0.0,
+        "big clicks went as oversize batches before the edge is killed"
+    );
     first.kill9();
     let mut sent = load.join();
+    let big = big.join().expect("big-click client panicked");
     assert!(
-        sent.unexpected.is_empty(),
-        "unexpected answers before the edge kill: {:?}",
-        sent.unexpected
+        sent.unexpected.is_empty() && big.unexpected.is_empty(),
+        "unexpected answers before the edge kill: {:?} {:?}",
+        sent.unexpected,
+        big.unexpected
     );
     assert_eq!(
         sent.cut_off, threads,
         "every client was cut off by the kill: {:?}",
         sent.errors
     );
+    // The big-click client may have finished before the kill.
+    assert!(big.cut_off <= 1, "big clicks: {:?}", big.errors);
+    assert!(!big.clicks.is_empty(), "big clicks were answered");
+    sent.extend(big);
     let unanswered = sent.cut_off;
 
     // Same directory, same ring; `first` keeps the temp dir alive.
@@ -217,11 +266,21 @@ fn collector_and_edge_killed_mid_stream_lose_and_double_nothing() {
 }
 
 #[test]
-fn lossy_duplicating_reordering_path_delivers_exactly_once() {
-    let stack = Stack::new("lossy");
-    let collector = CollectorProc::start(&stack);
+fn lossy_duplicating_reordering_path_delivers_exactly_once_udp() {
+    lossy_duplicating_reordering_path_delivers_exactly_once(Transport::Udp);
+}
+
+#[test]
+fn lossy_duplicating_reordering_path_delivers_exactly_once_quic() {
+    lossy_duplicating_reordering_path_delivers_exactly_once(Transport::Quic);
+}
+
+fn lossy_duplicating_reordering_path_delivers_exactly_once(transport: Transport) {
+    let link = DeliveryLink::new(transport);
+    let stack = Stack::new(&tag("lossy", &link));
+    let (collector, at) = link.start_collector(&stack);
     let relay = Relay::start(
-        collector.udp,
+        at,
         RelayOpts {
             drop: 0.2,
             duplicate: 0.1,
@@ -230,7 +289,7 @@ fn lossy_duplicating_reordering_path_delivers_exactly_once() {
             seed: 0xaff6a7e,
         },
     );
-    let edge = EdgeProc::start(&edge_opts(relay.addr, 4));
+    let edge = EdgeProc::start(&edge_opts(&link, relay.addr, 4));
     let sent = Traffic::start(
         edge.http,
         &TrafficSpec {
@@ -271,17 +330,19 @@ fn lossy_duplicating_reordering_path_delivers_exactly_once() {
     assert_settled(&stack, &ids);
 
     let c = relay.counts();
-    eprintln!("relay: {c:?}");
+    let resent = edge_metric(&edge, "affgate_edge_delivery_records_resent_total");
+    let events = (sent.clicks.len() + sent.postbacks.len()) as f64;
+    let entries = collector_metric(&collector, "affgate_collector_entries_total");
+    eprintln!("{transport:?} relay: {c:?}, resent {resent}, entries {entries} for {events} events");
     assert!(
         c.dropped_up > 0 && c.dropped_down > 0 && c.duplicated > 0 && c.delayed > 0,
         "the relay really lost, duplicated and delayed datagrams: {c:?}"
     );
-    assert!(
-        edge_metric(&edge, "affgate_edge_delivery_records_resent_total") > 0.0,
-        "the edge resent records"
-    );
-    let events = (sent.clicks.len() + sent.postbacks.len()) as f64;
-    let entries = collector_metric(&collector, "affgate_collector_entries_total");
+    // Over QUIC too: QUIC does not retransmit datagrams, the Outbox does.
+    assert!(resent > 0.0, "the edge resent records");
+    // Over QUIC the relay's duplicate packets are discarded by QUIC itself;
+    // the repeats the collector sees are the Outbox's resends (of batches
+    // whose ack, not the batch, was lost).
     assert!(
         entries > events,
         "the collector received some entries more than once ({entries} entries for {events} events)"
@@ -289,10 +350,20 @@ fn lossy_duplicating_reordering_path_delivers_exactly_once() {
 }
 
 #[test]
-fn spilled_ring_is_delivered_once_the_collector_comes() {
-    let stack = Stack::new("spill");
-    let mut collector = CollectorProc::unstarted(&stack);
-    let edge = EdgeProc::start(&edge_opts(collector.udp, 1));
+fn spilled_ring_is_delivered_once_the_collector_comes_udp() {
+    spilled_ring_is_delivered_once_the_collector_comes(Transport::Udp);
+}
+
+#[test]
+fn spilled_ring_is_delivered_once_the_collector_comes_quic() {
+    spilled_ring_is_delivered_once_the_collector_comes(Transport::Quic);
+}
+
+fn spilled_ring_is_delivered_once_the_collector_comes(transport: Transport) {
+    let link = DeliveryLink::new(transport);
+    let stack = Stack::new(&tag("spill", &link));
+    let (mut collector, at) = link.unstarted_collector(&stack);
+    let edge = EdgeProc::start(&edge_opts(&link, at, 1));
     // ~800 bytes a record: a 1 MiB ring spills after about 1300 of them.
     let sent = Traffic::start(
         edge.http,
