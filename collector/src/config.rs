@@ -7,18 +7,16 @@
 //! the top-level `secret`. Values are read as TOML when they parse as TOML
 //! (`42`, `true`, `["a", "b"]`) and as plain strings otherwise.
 //!
-//! The override machinery (`EnvSource`, `apply_env`, `parse_env_value`) is a
-//! copy of the edge's (`edge/src/config.rs`) with this binary's sections; it
-//! belongs in a shared place once a crate both binaries may depend on holds
-//! such things (affgate-schema is meant to stay free of config and I/O).
+//! The override machinery is shared with the edge: `affgate_config`.
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use affgate_config::{EnvSource, ProcessEnv};
+use affgate_config::{optional_text, socket_addr, text};
 use affgate_schema::keys::Secret;
 use anyhow::{Context, bail};
 use serde::Deserialize;
@@ -32,31 +30,6 @@ const SECTIONS: &[&str] = &[
     "admin",
     "metrics",
 ];
-
-/// Variables with the `AFFGATE_` prefix that are not config keys.
-const NOT_KEYS: &[&str] = &["AFFGATE_CONFIG", "AFFGATE_LOG"];
-
-/// Where `AFFGATE_*` overrides come from: the process environment in the
-/// binary, a plain map in tests.
-pub trait EnvSource {
-    fn vars(&self) -> Vec<(String, String)>;
-}
-
-/// The process environment.
-#[derive(Debug, Clone, Copy)]
-pub struct ProcessEnv;
-
-impl EnvSource for ProcessEnv {
-    fn vars(&self) -> Vec<(String, String)> {
-        std::env::vars().collect()
-    }
-}
-
-impl EnvSource for BTreeMap<String, String> {
-    fn vars(&self) -> Vec<(String, String)> {
-        self.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
-    }
-}
 
 /// The file as written, before checks. Field docs give unit and default.
 #[derive(Clone, Deserialize)]
@@ -198,31 +171,6 @@ pub struct ClickHouseSection {
     /// Default: empty.
     #[serde(default, deserialize_with = "text")]
     pub password: String,
-}
-
-/// A string, or a number or bool taken as its text: an override such as
-/// `AFFGATE_CLICKHOUSE_PASSWORD=12345` reads as TOML, which makes it an
-/// integer. (Write a value whose exact text matters, like `1.50`, as a TOML
-/// string: `AFFGATE_CLICKHOUSE_PASSWORD='"1.50"'`.)
-fn text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Scalar {
-        Text(String),
-        Int(i64),
-        Float(f64),
-        Bool(bool),
-    }
-    Ok(match Scalar::deserialize(d)? {
-        Scalar::Text(s) => s,
-        Scalar::Int(i) => i.to_string(),
-        Scalar::Float(f) => f.to_string(),
-        Scalar::Bool(b) => b.to_string(),
-    })
-}
-
-fn optional_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    text(d).map(Some)
 }
 
 fn default_database() -> String {
@@ -377,76 +325,14 @@ pub fn redact_url(url: &str) -> String {
 impl Config {
     /// Read `path`, apply overrides from `env`, check every value.
     pub fn load(path: &Path, env: &dyn EnvSource) -> anyhow::Result<Config> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("read config {}", path.display()))?;
+        let text = affgate_config::read(path)?;
         Config::from_toml(&text, env).with_context(|| format!("config {}", path.display()))
     }
 
     /// Parse TOML text, apply overrides, check.
     pub fn from_toml(text: &str, env: &dyn EnvSource) -> anyhow::Result<Config> {
-        let mut table: toml::Table = toml::from_str(text).context("parse TOML")?;
-        apply_env(&mut table, env)?;
-        let raw = RawConfig::deserialize(toml::Value::Table(table)).map_err(|e| {
-            // toml's message names the key; keep it on one line.
-            anyhow::anyhow!("{}", e.to_string().trim().replace('\n', " "))
-        })?;
-        raw.check()
+        affgate_config::parse::<RawConfig>(text, env, SECTIONS)?.check()
     }
-}
-
-/// Apply `AFFGATE_*` variables to the parsed table.
-fn apply_env(table: &mut toml::Table, env: &dyn EnvSource) -> anyhow::Result<()> {
-    let mut vars = env.vars();
-    vars.sort();
-    for (name, value) in vars {
-        let Some(rest) = name.strip_prefix("AFFGATE_") else {
-            continue;
-        };
-        if NOT_KEYS.contains(&name.as_str()) || rest.is_empty() {
-            continue;
-        }
-        let rest = rest.to_ascii_lowercase();
-        let parsed = parse_env_value(&value);
-        let section = SECTIONS.iter().find(|s| {
-            rest.len() > s.len() && rest.starts_with(*s) && rest.as_bytes()[s.len()] == b'_'
-        });
-        match section {
-            Some(section) => {
-                let key = rest[section.len() + 1..].to_string();
-                let entry = table
-                    .entry(section.to_string())
-                    .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-                let Some(sub) = entry.as_table_mut() else {
-                    bail!("{name}: [{section}] in the file is not a table");
-                };
-                sub.insert(key, parsed);
-            }
-            None => {
-                table.insert(rest, parsed);
-            }
-        }
-    }
-    Ok(())
-}
-
-/// `42` is an integer, `true` a bool, `["a"]` an array; anything else a string.
-fn parse_env_value(value: &str) -> toml::Value {
-    let probe = format!("v = {value}");
-    match toml::from_str::<toml::Table>(&probe) {
-        Ok(mut t) => t
-            .remove("v")
-            .unwrap_or_else(|| toml::Value::String(value.to_string())),
-        Err(_) => toml::Value::String(value.to_string()),
-    }
-}
-
-fn socket_addr(key: &str, value: &str) -> anyhow::Result<SocketAddr> {
-    use std::net::ToSocketAddrs;
-    value
-        .to_socket_addrs()
-        .with_context(|| format!("{key}: `{value}` is not host:port"))?
-        .next()
-        .with_context(|| format!("{key}: `{value}` resolves to no address"))
 }
 
 fn check_url(key: &str, value: &str, schemes: &[&str]) -> anyhow::Result<()> {
@@ -574,6 +460,8 @@ impl RawConfig {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
 
     const SECRET: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";

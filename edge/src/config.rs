@@ -1,48 +1,20 @@
 //! The edge's configuration: one TOML file, then `AFFGATE_*` environment
-//! overrides, then checks that turn raw values into typed ones.
-//!
-//! Every key of DESIGN.md's operator contract is here. An environment
-//! variable names a key by its section and name in upper case:
-//! `AFFGATE_HTTP_LISTEN` is `[http] listen`, `AFFGATE_EDGE_ID` is the
-//! top-level `edge_id`. Values are read as TOML when they parse as TOML
-//! (`42`, `true`, `["a:1", "b:2"]`) and as plain strings otherwise.
+//! overrides (`affgate_config`: `AFFGATE_HTTP_LISTEN` is `[http] listen`,
+//! `AFFGATE_EDGE_ID` the top-level `edge_id`), then checks that turn raw
+//! values into typed ones. Every key of DESIGN.md's operator contract is here.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use affgate_config::{EnvSource, ProcessEnv};
+use affgate_config::{socket_addr, text};
 use affgate_schema::keys::Secret;
 use anyhow::{Context, bail};
 use serde::Deserialize;
 
 /// Sections of the config file; an override `AFFGATE_<SECTION>_<KEY>` lands in one of these.
 const SECTIONS: &[&str] = &["http", "links", "buffer", "delivery", "metrics"];
-
-/// Variables with the `AFFGATE_` prefix that are not config keys.
-const NOT_KEYS: &[&str] = &["AFFGATE_CONFIG", "AFFGATE_LOG"];
-
-/// Where `AFFGATE_*` overrides come from: the process environment in the
-/// binary, a plain map in tests.
-pub trait EnvSource {
-    fn vars(&self) -> Vec<(String, String)>;
-}
-
-/// The process environment.
-#[derive(Debug, Clone, Copy)]
-pub struct ProcessEnv;
-
-impl EnvSource for ProcessEnv {
-    fn vars(&self) -> Vec<(String, String)> {
-        std::env::vars().collect()
-    }
-}
-
-impl EnvSource for BTreeMap<String, String> {
-    fn vars(&self) -> Vec<(String, String)> {
-        self.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
-    }
-}
 
 /// The file as written, before checks. Field docs give unit and default.
 #[derive(Debug, Clone, Deserialize)]
@@ -263,93 +235,14 @@ pub struct TlsConfig {
 impl Config {
     /// Read `path`, apply overrides from `env`, check every value.
     pub fn load(path: &Path, env: &dyn EnvSource) -> anyhow::Result<Config> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("read config {}", path.display()))?;
+        let text = affgate_config::read(path)?;
         Config::from_toml(&text, env).with_context(|| format!("config {}", path.display()))
     }
 
     /// Parse TOML text, apply overrides, check.
     pub fn from_toml(text: &str, env: &dyn EnvSource) -> anyhow::Result<Config> {
-        let mut table: toml::Table = toml::from_str(text).context("parse TOML")?;
-        apply_env(&mut table, env)?;
-        let raw = RawConfig::deserialize(toml::Value::Table(table)).map_err(|e| {
-            // toml's message names the key; keep it on one line.
-            anyhow::anyhow!("{}", e.to_string().trim().replace('\n', " "))
-        })?;
-        raw.check()
+        affgate_config::parse::<RawConfig>(text, env, SECTIONS)?.check()
     }
-}
-
-/// Apply `AFFGATE_*` variables to the parsed table.
-fn apply_env(table: &mut toml::Table, env: &dyn EnvSource) -> anyhow::Result<()> {
-    let mut vars = env.vars();
-    vars.sort();
-    for (name, value) in vars {
-        let Some(rest) = name.strip_prefix("AFFGATE_") else {
-            continue;
-        };
-        if NOT_KEYS.contains(&name.as_str()) || rest.is_empty() {
-            continue;
-        }
-        let rest = rest.to_ascii_lowercase();
-        let parsed = parse_env_value(&value);
-        let section = SECTIONS.iter().find(|s| {
-            rest.len() > s.len() && rest.starts_with(*s) && rest.as_bytes()[s.len()] == b'_'
-        });
-        match section {
-            Some(section) => {
-                let key = rest[section.len() + 1..].to_string();
-                let entry = table
-                    .entry(section.to_string())
-                    .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-                let Some(sub) = entry.as_table_mut() else {
-                    bail!("{name}: [{section}] in the file is not a table");
-                };
-                sub.insert(key, parsed);
-            }
-            None => {
-                table.insert(rest, parsed);
-            }
-        }
-    }
-    Ok(())
-}
-
-/// `42` is an integer, `true` a bool, `["a"]` an array; anything else
-/// (floats and dates included) a string.
-fn parse_env_value(value: &str) -> toml::Value {
-    let probe = format!("v = {value}");
-    match toml::from_str::<toml::Table>(&probe)
-        .ok()
-        .and_then(|mut t| t.remove("v"))
-    {
-        Some(v @ (toml::Value::Integer(_) | toml::Value::Boolean(_) | toml::Value::Array(_))) => v,
-        _ => toml::Value::String(value.to_string()),
-    }
-}
-
-/// A string key that may arrive from the environment looking like a number
-/// (`AFFGATE_SECRET=1234...`): take its text.
-fn text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Scalar {
-        Text(String),
-        Int(i64),
-    }
-    Ok(match Scalar::deserialize(d)? {
-        Scalar::Text(s) => s,
-        Scalar::Int(i) => i.to_string(),
-    })
-}
-
-fn socket_addr(key: &str, value: &str) -> anyhow::Result<SocketAddr> {
-    use std::net::ToSocketAddrs;
-    value
-        .to_socket_addrs()
-        .with_context(|| format!("{key}: `{value}` is not host:port"))?
-        .next()
-        .with_context(|| format!("{key}: `{value}` resolves to no address"))
 }
 
 fn check_url(key: &str, value: &str) -> anyhow::Result<()> {
@@ -482,6 +375,8 @@ impl RawConfig {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
 
     const SECRET: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
