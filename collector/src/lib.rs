@@ -11,14 +11,23 @@
 //! - `ingest`: the UDP socket, the QUIC endpoint (`ingest::quic`), write
 //!   windows (`ingest::window`, the pure core) and acks sent only after both
 //!   stores committed.
+//! - `conversions`: inbox postbacks into conversions, events and
+//!   multi-level commissions in PostgreSQL (the ledger), caps, reversals,
+//!   and the mirror of conversion events into ClickHouse.
+//! - `propagate`: the control plane's state from PostgreSQL into Redis in
+//!   DESIGN.md's layout, announced on `affgate:changes`.
+//! - `admin`: the admin API on `[admin] listen`.
 //! - `telemetry`: tracing set-up and `/metrics`.
 //!
 //! `main.rs` only parses flags and calls [`run`] or `migrate`; tests drive
 //! [`Collector`] in-process or the binary as a child process.
 
+pub mod admin;
 pub mod config;
+pub mod conversions;
 pub mod ingest;
 pub mod migrate;
+pub mod propagate;
 pub mod store;
 pub mod telemetry;
 
@@ -39,6 +48,7 @@ pub struct Collector {
     pub udp_addr: Option<SocketAddr>,
     pub quic_addr: Option<SocketAddr>,
     pub metrics_addr: Option<SocketAddr>,
+    pub admin_addr: Option<SocketAddr>,
     pub stats: Arc<ingest::IngestStats>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
@@ -58,10 +68,53 @@ impl Collector {
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let mut tasks = Vec::new();
         let pool = store::postgres::pool(&cfg.postgres).context("[postgres] url")?;
+        let propagator = match &cfg.redis_url {
+            Some(url) => Some(Arc::new(propagate::Propagator::new(
+                url,
+                pool.clone(),
+                keys.current().clone(),
+            )?)),
+            None => None,
+        };
+        let mirror = Arc::new(conversions::mirror::Mirror::new(
+            pool.clone(),
+            &cfg.clickhouse,
+        ));
+        let processor = Arc::new(conversions::Processor::new(
+            pool.clone(),
+            keys.clone(),
+            propagator.clone(),
+            Some(mirror.wake.clone()),
+        ));
         let stores = ingest::Stores {
             clicks: store::clickhouse::ClickStore::new(&cfg.clickhouse),
-            inbox: store::postgres::Inbox::new(pool),
+            inbox: store::postgres::Inbox::new(pool.clone()),
+            inbox_wake: Some(processor.wake.clone()),
         };
+        tasks.push(tokio::spawn(processor.clone().run(shutdown_rx.clone())));
+        tasks.push(tokio::spawn(mirror.clone().run(shutdown_rx.clone())));
+        if let Some(p) = &propagator {
+            tasks.push(tokio::spawn(p.clone().run(shutdown_rx.clone())));
+        }
+        let mut admin_addr = None;
+        if let (Some(a), Some(p)) = (&cfg.admin, &propagator) {
+            let l = TcpListener::bind(a.listen)
+                .await
+                .with_context(|| format!("bind [admin] listen {}", a.listen))?;
+            admin_addr = Some(l.local_addr()?);
+            let admin = Arc::new(admin::Admin {
+                pool: pool.clone(),
+                token: a.token.clone(),
+                propagator: p.clone(),
+            });
+            tasks.push(tokio::spawn(admin::serve(l, admin, shutdown_rx.clone())));
+        }
+        let telemetry = Arc::new(telemetry::Telemetry {
+            ingest: stats.clone(),
+            conversions: processor.clone(),
+            mirror: mirror.clone(),
+            propagator: propagator.clone(),
+        });
         // UDP and QUIC feed one queue and one writer: one window, one ack per edge.
         let (tx, rx) = mpsc::channel(ingest::QUEUE);
         let mut acks = ingest::Acks::default();
@@ -114,7 +167,7 @@ impl Collector {
             metrics_addr = Some(l.local_addr()?);
             tasks.push(tokio::spawn(telemetry::serve_metrics(
                 l,
-                stats.clone(),
+                telemetry.clone(),
                 shutdown_rx.clone(),
             )));
         }
@@ -122,6 +175,7 @@ impl Collector {
             udp_addr,
             quic_addr,
             metrics_addr,
+            admin_addr,
             stats,
             shutdown: shutdown_tx,
             tasks,
@@ -139,15 +193,16 @@ impl Collector {
 }
 
 /// Run until `shutdown` resolves. Prints one line with the bound addresses
-/// on stdout (`affgate-collector listening udp=ADDR|- quic=ADDR|- metrics=ADDR|-`).
+/// on stdout (`affgate-collector listening udp=ADDR|- quic=ADDR|- metrics=ADDR|- admin=ADDR|-`).
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let c = Collector::start(cfg).await?;
     let show = |a: Option<SocketAddr>| a.map(|a| a.to_string()).unwrap_or_else(|| "-".into());
     println!(
-        "affgate-collector listening udp={} quic={} metrics={}",
+        "affgate-collector listening udp={} quic={} metrics={} admin={}",
         show(c.udp_addr),
         show(c.quic_addr),
-        show(c.metrics_addr)
+        show(c.metrics_addr),
+        show(c.admin_addr)
     );
     tracing::info!("collector serving");
     shutdown.await;

@@ -10,7 +10,64 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::conversions::Processor;
+use crate::conversions::mirror::Mirror;
 use crate::ingest::{DROP_REASONS, IngestStats};
+use crate::propagate::Propagator;
+
+/// Everything `/metrics` shows.
+#[derive(Debug)]
+pub struct Telemetry {
+    pub ingest: Arc<IngestStats>,
+    pub conversions: Arc<Processor>,
+    pub mirror: Arc<Mirror>,
+    pub propagator: Option<Arc<Propagator>>,
+}
+
+/// Prometheus text of every counter.
+pub fn render_all(t: &Telemetry) -> String {
+    use std::fmt::Write as _;
+    let mut out = render(&t.ingest);
+    let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let c = &t.conversions.stats;
+    let _ = writeln!(
+        out,
+        "# HELP affgate_collector_postbacks_processed_total Inbox postbacks processed, by outcome.\n# TYPE affgate_collector_postbacks_processed_total counter"
+    );
+    for (outcome, v) in [
+        ("recorded", l(&c.recorded)),
+        ("not_applied", l(&c.not_applied)),
+        ("refused", l(&c.refused)),
+    ] {
+        let _ = writeln!(
+            out,
+            "affgate_collector_postbacks_processed_total{{outcome=\"{outcome}\"}} {v}"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP affgate_collector_conversion_errors_total Failed conversion processing passes (retried).\n# TYPE affgate_collector_conversion_errors_total counter\naffgate_collector_conversion_errors_total {}",
+        l(&c.errors)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP affgate_collector_conversion_events_mirrored_total Conversion events written to ClickHouse.\n# TYPE affgate_collector_conversion_events_mirrored_total counter\naffgate_collector_conversion_events_mirrored_total {}\n# HELP affgate_collector_mirror_errors_total Failed mirror passes (retried).\n# TYPE affgate_collector_mirror_errors_total counter\naffgate_collector_mirror_errors_total {}",
+        l(&t.mirror.stats.mirrored),
+        l(&t.mirror.stats.errors)
+    );
+    if let Some(p) = &t.propagator {
+        let s = &p.stats;
+        let _ = writeln!(
+            out,
+            "# HELP affgate_collector_redis_writes_total Redis keys written and announced.\n# TYPE affgate_collector_redis_writes_total counter\naffgate_collector_redis_writes_total {}\n# HELP affgate_collector_redis_failures_total Failed propagations (caught up by a full publication).\n# TYPE affgate_collector_redis_failures_total counter\naffgate_collector_redis_failures_total {}\n# HELP affgate_collector_redis_full_publications_total Full publications of the control plane.\n# TYPE affgate_collector_redis_full_publications_total counter\naffgate_collector_redis_full_publications_total {}\n# HELP affgate_collector_redis_up 1 while the last Redis write succeeded.\n# TYPE affgate_collector_redis_up gauge\naffgate_collector_redis_up {}",
+            l(&s.writes),
+            l(&s.failures),
+            l(&s.full_syncs),
+            u8::from(s.up.load(Ordering::Relaxed))
+        );
+    }
+    out
+}
 
 /// Logs to stderr, filtered by `AFFGATE_LOG` (then `RUST_LOG`, default `info`).
 pub fn init_tracing() {
@@ -135,7 +192,7 @@ pub fn render(s: &IngestStats) -> String {
 /// Serve `/metrics` until shutdown.
 pub async fn serve_metrics(
     listener: TcpListener,
-    stats: Arc<IngestStats>,
+    stats: Arc<Telemetry>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
@@ -148,7 +205,7 @@ pub async fn serve_metrics(
             let stats = stats.clone();
             async move {
                 let mut r = if req.uri().path() == "/metrics" {
-                    hyper::Response::new(Full::new(Bytes::from(render(&stats))))
+                    hyper::Response::new(Full::new(Bytes::from(render_all(&stats))))
                 } else {
                     let mut r = hyper::Response::new(Full::new(Bytes::from_static(b"not found\n")));
                     *r.status_mut() = hyper::StatusCode::NOT_FOUND;

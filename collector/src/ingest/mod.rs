@@ -78,7 +78,7 @@ impl IngestStats {
     }
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -170,6 +170,8 @@ impl AckSink for Acks {
 pub struct Stores {
     pub clicks: ClickStore,
     pub inbox: Inbox,
+    /// Woken when new postbacks are in the inbox (conversion processing).
+    pub inbox_wake: Option<Arc<tokio::sync::Notify>>,
 }
 
 /// Fill windows from `rx`, commit them when due, ack what committed.
@@ -239,6 +241,15 @@ async fn commit<S: AckSink>(
             }
         },
         async {
+            // Quarantined clicks are noted in PostgreSQL too, so a later
+            // conversion of one earns nothing; rare, and idempotent.
+            let quarantined: Vec<(&str, u64)> = taken
+                .clicks
+                .iter()
+                .filter(|c| c.quarantined)
+                .map(|c| (c.click_id.as_str(), c.ts_ms))
+                .collect();
+            stores.inbox.insert_quarantined(&quarantined).await?;
             if taken.postbacks.is_empty() {
                 Ok(0)
             } else {
@@ -255,6 +266,11 @@ async fn commit<S: AckSink>(
     match &p {
         Ok(new) => {
             stats.postbacks_new.fetch_add(*new, Ordering::Relaxed);
+            if *new > 0
+                && let Some(w) = &stores.inbox_wake
+            {
+                w.notify_one();
+            }
         }
         Err(e) => {
             ok = false;

@@ -36,6 +36,8 @@ pub fn pool(cfg: &PostgresConfig) -> Result<PgPool, sqlx::Error> {
         ("statement_timeout", STATEMENT_TIMEOUT),
         // Keep NOTICEs (`... already exists, skipping`) out of the log.
         ("client_min_messages", "warning"),
+        // The admin API's JSON shows times in UTC; day arithmetic (caps) is UTC.
+        ("TimeZone", "UTC"),
     ]);
     Ok(PgPoolOptions::new()
         .max_connections(MAX_CONNECTIONS)
@@ -124,6 +126,32 @@ impl Inbox {
             .await
             .map_err(classify)?;
         Ok(done.rows_affected())
+    }
+}
+
+impl Inbox {
+    /// Notes quarantined clicks `(click_id, ts_ms)` in `quarantined_clicks`.
+    pub async fn insert_quarantined(&self, clicks: &[(&str, u64)]) -> Result<(), StoreError> {
+        if clicks.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<&str> = clicks.iter().map(|c| c.0).collect();
+        let times = clicks
+            .iter()
+            .map(|c| bigint("ts_ms", c.1))
+            .collect::<Result<Vec<_>, _>>()?;
+        sqlx::query(
+            "INSERT INTO quarantined_clicks (click_id, ts)
+             SELECT c, 'epoch'::timestamptz + ms * interval '1 millisecond'
+             FROM UNNEST($1::text[], $2::int8[]) AS u(c, ms)
+             ON CONFLICT (click_id) DO NOTHING",
+        )
+        .bind(ids)
+        .bind(times)
+        .execute(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(())
     }
 }
 

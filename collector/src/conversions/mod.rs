@@ -1,0 +1,611 @@
+//! Conversions: postbacks from the PostgreSQL inbox turned into
+//! conversions, their events and commissions (the ledger), then mirrored to
+//! ClickHouse.
+//!
+//! - `decide`: the pure core, first status and transitions.
+//! - `split`: the pure commission split and its rounding rule.
+//! - `mirror`: conversion events into ClickHouse's `conversions` table.
+//!
+//! This file is the PostgreSQL shell. One inbox row is one transaction:
+//! claim the oldest unprocessed row (`FOR UPDATE SKIP LOCKED`, so several
+//! collectors share the queue), verify and decode its click id, load the
+//! link, offer and affiliate path, lock or create the conversion
+//! (`conversion_key` is unique), decide, write the event (`dedup_key` is
+//! unique), the commissions (unique per conversion and level), the cap
+//! count (its row locked), and mark the inbox row processed with its
+//! outcome. Nothing here trusts luck: every double-count is excluded by a
+//! constraint or a row lock inside that transaction.
+
+pub mod decide;
+pub mod mirror;
+pub mod split;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use affgate_schema::keys::KeyRing;
+use affgate_schema::{ClickId, DedupKey, Status, format_micros, parse_micros};
+use anyhow::Context;
+use sqlx::{PgPool, Postgres, Row, Transaction};
+use tokio::sync::{Notify, watch};
+
+use crate::propagate::Propagator;
+use decide::{ConvStatus, NewConversion};
+
+/// Longest idle wait between looks at the inbox when nobody wakes us.
+const IDLE_POLL: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Counters for `/metrics`, by outcome.
+#[derive(Debug, Default)]
+pub struct ConversionStats {
+    pub recorded: AtomicU64,
+    pub not_applied: AtomicU64,
+    pub refused: AtomicU64,
+    pub errors: AtomicU64,
+}
+
+/// What happened to one inbox row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// A new conversion, or a status change of one.
+    Recorded,
+    /// Recorded as an event, but the transition was not allowed.
+    NotApplied,
+    /// Not attributable; the inbox row keeps the reason.
+    Refused(&'static str),
+}
+
+impl Outcome {
+    fn as_str(&self) -> &str {
+        match self {
+            Outcome::Recorded => "recorded",
+            Outcome::NotApplied => "not_applied",
+            Outcome::Refused(why) => why,
+        }
+    }
+}
+
+/// One claimed inbox row.
+#[derive(Debug)]
+struct InboxRow {
+    dedup_key: Vec<u8>,
+    edge_id: i32,
+    seq: i64,
+    network_id: i64,
+    click_id: String,
+    txid: String,
+    event: String,
+    status: Status,
+    payout: Option<i64>,
+    currency: String,
+    request_id: String,
+    ts_ms: i64,
+}
+
+/// Turns inbox rows into conversions.
+#[derive(Debug)]
+pub struct Processor {
+    pool: PgPool,
+    keys: KeyRing,
+    propagator: Option<Arc<Propagator>>,
+    /// Woken after each recorded event (the ClickHouse mirror).
+    recorded: Option<Arc<Notify>>,
+    pub wake: Arc<Notify>,
+    pub stats: ConversionStats,
+}
+
+impl Processor {
+    pub fn new(
+        pool: PgPool,
+        keys: KeyRing,
+        propagator: Option<Arc<Propagator>>,
+        recorded: Option<Arc<Notify>>,
+    ) -> Processor {
+        Processor {
+            pool,
+            keys,
+            propagator,
+            recorded,
+            wake: Arc::new(Notify::new()),
+            stats: ConversionStats::default(),
+        }
+    }
+
+    /// Process until the inbox is empty; returns how many rows were done.
+    pub async fn drain(&self) -> anyhow::Result<u64> {
+        let mut n = 0;
+        while self.process_one().await? {
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// The background task: drain whenever woken (after an inbox insert) or
+    /// once a second; back off while PostgreSQL fails.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let wait = match self.drain().await {
+                Ok(_) => {
+                    backoff = Duration::from_millis(100);
+                    IDLE_POLL
+                }
+                Err(e) => {
+                    self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(error = format!("{e:#}"), retry_in_ms = backoff.as_millis() as u64, "conversion processing failed; the inbox keeps the postbacks");
+                    let w = backoff;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    w
+                }
+            };
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    /// Claim and process the oldest unprocessed row. Ok(false): none left.
+    async fn process_one(&self) -> anyhow::Result<bool> {
+        let mut tx = self.pool.begin().await.context("begin")?;
+        let Some(row) = claim(&mut tx).await? else {
+            return Ok(false);
+        };
+        let key = row.dedup_key.clone();
+        let result = self.process(&mut tx, &row).await;
+        let (outcome, capped_offer) = match result {
+            Ok(r) => r,
+            Err(e) if is_data_error(&e) => {
+                // The row itself is unusable: record why, in a fresh
+                // transaction, so it does not block the queue forever.
+                drop(tx);
+                tracing::error!(error = format!("{e:#}"), "postback refused by the ledger");
+                let mut tx = self.pool.begin().await.context("begin")?;
+                mark(&mut tx, &key, "error").await?;
+                tx.commit().await.context("commit")?;
+                self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                return Ok(true);
+            }
+            Err(e) => return Err(e),
+        };
+        mark(&mut tx, &key, outcome.as_str()).await?;
+        tx.commit().await.context("commit conversion")?;
+        let counter = match outcome {
+            Outcome::Recorded => &self.stats.recorded,
+            Outcome::NotApplied => &self.stats.not_applied,
+            Outcome::Refused(why) => {
+                tracing::info!(click_id = row.click_id, network_id = row.network_id, why, "postback not attributable");
+                &self.stats.refused
+            }
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        if let Some(w) = &self.recorded {
+            w.notify_one();
+        }
+        if let (Some(offer), Some(p)) = (capped_offer, &self.propagator) {
+            tracing::info!(offer_id = offer, "offer reached its daily cap");
+            p.offer(offer).await;
+        }
+        Ok(true)
+    }
+
+    /// Everything inside the row's transaction. Returns the outcome and the
+    /// offer that just reached its cap, if any.
+    async fn process(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        row: &InboxRow,
+    ) -> anyhow::Result<(Outcome, Option<i64>)> {
+        let seen: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM conversion_events WHERE dedup_key = $1)",
+        )
+        .bind(&row.dedup_key)
+        .fetch_one(&mut **tx)
+        .await
+        .context("duplicate check")?;
+        if seen {
+            return Ok((Outcome::Refused("duplicate"), None));
+        }
+        let now = crate::ingest::now_ms();
+        let Ok((_, click)) = ClickId::verify(&row.click_id, &self.keys, now) else {
+            return Ok((Outcome::Refused("bad_click_id"), None));
+        };
+        let link_id = i64::try_from(click.link_id).unwrap_or(i64::MAX);
+        let Some(l) = sqlx::query(
+            "SELECT l.offer_id, l.affiliate_id, l.status AS link_status,
+                    o.network_id, o.payout::text AS payout, o.currency,
+                    o.commission_levels::text[] AS levels, o.daily_cap,
+                    o.attribution_window_days, a.path::text AS path
+             FROM links l JOIN offers o ON o.id = l.offer_id
+                          JOIN affiliates a ON a.id = l.affiliate_id
+             WHERE l.id = $1",
+        )
+        .bind(link_id)
+        .fetch_optional(&mut **tx)
+        .await
+        .context("load link")?
+        else {
+            return Ok((Outcome::Refused("unknown_link"), None));
+        };
+        let offer_id: i64 = l.try_get("offer_id")?;
+        let affiliate_id: i64 = l.try_get("affiliate_id")?;
+        if l.try_get::<i64, _>("network_id")? != row.network_id {
+            return Ok((Outcome::Refused("network_mismatch"), None));
+        }
+        // The network's amount, or the offer's payout in the offer's currency.
+        let (payout, currency) = match row.payout {
+            Some(p) => (p, row.currency.clone()),
+            None => (
+                micros(&l.try_get::<String, _>("payout")?)?,
+                l.try_get::<String, _>("currency")?,
+            ),
+        };
+        let conversion_key =
+            DedupKey::for_conversion(row.network_id as u64, &row.click_id, &row.txid, &row.event);
+
+        let existing = sqlx::query(
+            "SELECT id, status FROM conversions WHERE conversion_key = $1 FOR UPDATE",
+        )
+        .bind(&conversion_key.0[..])
+        .fetch_optional(&mut **tx)
+        .await
+        .context("lock conversion")?;
+
+        let mut capped_offer = None;
+        let (conversion_id, before, after) = match existing {
+            Some(c) => {
+                let id: i64 = c.try_get("id")?;
+                let current = conv_status(&c.try_get::<String, _>("status")?)?;
+                let next = decide::transition(current, row.status);
+                (id, Some(current), next.unwrap_or(current))
+            }
+            None => {
+                let day_ms = row.ts_ms.div_euclid(86_400_000);
+                let day = chrono_day(day_ms);
+                let daily_cap: Option<i32> = l.try_get("daily_cap")?;
+                let cap = match daily_cap {
+                    Some(cap) if decide::takes_cap_slot(row.status) => {
+                        sqlx::query(
+                            "INSERT INTO offer_daily (offer_id, day) VALUES ($1, $2::date)
+                             ON CONFLICT DO NOTHING",
+                        )
+                        .bind(offer_id)
+                        .bind(&day)
+                        .execute(&mut **tx)
+                        .await
+                        .context("cap row")?;
+                        let taken: i32 = sqlx::query_scalar(
+                            "SELECT conversions FROM offer_daily
+                             WHERE offer_id = $1 AND day = $2::date FOR UPDATE",
+                        )
+                        .bind(offer_id)
+                        .bind(&day)
+                        .fetch_one(&mut **tx)
+                        .await
+                        .context("lock cap row")?;
+                        Some((i64::from(taken), i64::from(cap)))
+                    }
+                    _ => None,
+                };
+                let quarantined = l.try_get::<String, _>("link_status")? == "shadow_banned"
+                    || sqlx::query_scalar::<_, bool>(
+                        "SELECT EXISTS (SELECT 1 FROM quarantined_clicks WHERE click_id = $1)",
+                    )
+                    .bind(&row.click_id)
+                    .fetch_one(&mut **tx)
+                    .await
+                    .context("quarantine check")?;
+                let status = decide::first_status(&NewConversion {
+                    status: row.status,
+                    quarantined,
+                    age_ms: row.ts_ms - click.ts_ms as i64,
+                    window_days: i64::from(l.try_get::<i32, _>("attribution_window_days")?),
+                    cap,
+                });
+                let inserted: Option<i64> = sqlx::query_scalar(
+                    "INSERT INTO conversions (conversion_key, click_id, network_id, txid, event,
+                        link_id, offer_id, affiliate_id, status, payout, currency,
+                        click_ts, converted_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10::numeric / 1000000, $11,
+                        'epoch'::timestamptz + $12 * interval '1 millisecond',
+                        'epoch'::timestamptz + $13 * interval '1 millisecond')
+                     ON CONFLICT (conversion_key) DO NOTHING RETURNING id",
+                )
+                .bind(&conversion_key.0[..])
+                .bind(&row.click_id)
+                .bind(row.network_id)
+                .bind(&row.txid)
+                .bind(&row.event)
+                .bind(link_id)
+                .bind(offer_id)
+                .bind(affiliate_id)
+                .bind(status.as_str())
+                .bind(payout)
+                .bind(&currency)
+                .bind(click.ts_ms as i64)
+                .bind(row.ts_ms)
+                .fetch_optional(&mut **tx)
+                .await
+                .context("insert conversion")?;
+                let Some(id) = inserted else {
+                    // Another collector created it after our look: this
+                    // transaction saw nothing it must undo; try again later.
+                    anyhow::bail!("conversion created concurrently; retrying");
+                };
+                if let Some((taken, cap)) = cap
+                    && status != ConvStatus::Capped
+                {
+                    sqlx::query(
+                        "UPDATE offer_daily SET conversions = conversions + 1
+                         WHERE offer_id = $1 AND day = $2::date",
+                    )
+                    .bind(offer_id)
+                    .bind(&day)
+                    .execute(&mut **tx)
+                    .await
+                    .context("count cap")?;
+                    if taken + 1 >= cap {
+                        let changed = sqlx::query(
+                            "UPDATE offers SET capped_on = $2::date, version = version + 1
+                             WHERE id = $1 AND (capped_on IS NULL OR capped_on < $2::date)
+                               AND $2::date >= (now() AT TIME ZONE 'UTC')::date",
+                        )
+                        .bind(offer_id)
+                        .bind(&day)
+                        .execute(&mut **tx)
+                        .await
+                        .context("cap offer")?;
+                        if changed.rows_affected() > 0 {
+                            capped_offer = Some(offer_id);
+                        }
+                    }
+                }
+                (id, None, status)
+            }
+        };
+
+        let applied = before != Some(after);
+        let event = sqlx::query(
+            "INSERT INTO conversion_events (dedup_key, conversion_id, status, payout, currency,
+                status_before, status_after, applied, edge_id, seq, request_id, ts)
+             VALUES ($1, $2, $3, $4::numeric / 1000000, $5, $6, $7, $8, $9, $10, $11,
+                'epoch'::timestamptz + $12 * interval '1 millisecond')
+             ON CONFLICT (dedup_key) DO NOTHING",
+        )
+        .bind(&row.dedup_key)
+        .bind(conversion_id)
+        .bind(row.status.as_str())
+        .bind(row.payout)
+        .bind(&row.currency)
+        .bind(before.map(ConvStatus::as_str))
+        .bind(after.as_str())
+        .bind(applied)
+        .bind(row.edge_id)
+        .bind(row.seq)
+        .bind(&row.request_id)
+        .bind(row.ts_ms)
+        .execute(&mut **tx)
+        .await
+        .context("insert conversion event")?;
+        if event.rows_affected() == 0 {
+            // This exact postback was already recorded: change nothing.
+            return Ok((Outcome::NotApplied, None));
+        }
+        if !applied {
+            return Ok((Outcome::NotApplied, None));
+        }
+        if before.is_some() {
+            sqlx::query("UPDATE conversions SET status = $2, updated_at = now() WHERE id = $1")
+                .bind(conversion_id)
+                .bind(after.as_str())
+                .execute(&mut **tx)
+                .await
+                .context("update conversion")?;
+        }
+        if after.has_commissions() {
+            // Amounts are (re)computed when the conversion is created and
+            // when it is approved (the approving postback may carry the
+            // final amount); other transitions only move the status.
+            let recompute = before.is_none() || after == ConvStatus::Approved;
+            if recompute {
+                if after == ConvStatus::Approved && before.is_some() && row.payout.is_some() {
+                    sqlx::query(
+                        "UPDATE conversions SET payout = $2::numeric / 1000000, currency = $3
+                         WHERE id = $1",
+                    )
+                    .bind(conversion_id)
+                    .bind(payout)
+                    .bind(&currency)
+                    .execute(&mut **tx)
+                    .await
+                    .context("update payout")?;
+                }
+                let amount = if before.is_some() && row.payout.is_none() {
+                    // Approval without an amount keeps the conversion's.
+                    let p: String = sqlx::query_scalar(
+                        "SELECT payout::text FROM conversions WHERE id = $1",
+                    )
+                    .bind(conversion_id)
+                    .fetch_one(&mut **tx)
+                    .await
+                    .context("conversion payout")?;
+                    micros(&p)?
+                } else {
+                    payout
+                };
+                let cur: String =
+                    sqlx::query_scalar("SELECT currency::text FROM conversions WHERE id = $1")
+                        .bind(conversion_id)
+                        .fetch_one(&mut **tx)
+                        .await
+                        .context("conversion currency")?;
+                let levels: Vec<String> = l.try_get("levels")?;
+                let rates = levels
+                    .iter()
+                    .map(|r| micros(r))
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                let path: String = l.try_get("path")?;
+                let chain = split::beneficiaries(&path)
+                    .with_context(|| format!("affiliate path {path} is not a chain of ids"))?;
+                let shares = split::split(amount, &rates, &chain);
+                upsert_commissions(tx, conversion_id, &shares, &cur, after).await?;
+            } else {
+                sqlx::query(
+                    "UPDATE commissions SET status = $2, updated_at = now() WHERE conversion_id = $1",
+                )
+                .bind(conversion_id)
+                .bind(after.as_str())
+                .execute(&mut **tx)
+                .await
+                .context("update commissions")?;
+            }
+        }
+        Ok((Outcome::Recorded, capped_offer))
+    }
+}
+
+async fn upsert_commissions(
+    tx: &mut Transaction<'_, Postgres>,
+    conversion_id: i64,
+    shares: &[split::Share],
+    currency: &str,
+    status: ConvStatus,
+) -> anyhow::Result<()> {
+    if shares.is_empty() {
+        return Ok(());
+    }
+    let levels: Vec<i16> = shares.iter().map(|s| s.level as i16).collect();
+    let affiliates: Vec<i64> = shares.iter().map(|s| s.affiliate_id).collect();
+    let rates: Vec<i64> = shares.iter().map(|s| s.rate).collect();
+    let amounts: Vec<i64> = shares.iter().map(|s| s.amount).collect();
+    sqlx::query(
+        "INSERT INTO commissions (conversion_id, level, affiliate_id, rate, amount, currency, status)
+         SELECT $1, lv, af, r::numeric / 1000000, a::numeric / 1000000, $6, $7
+         FROM UNNEST($2::int2[], $3::int8[], $4::int8[], $5::int8[]) AS u(lv, af, r, a)
+         ON CONFLICT (conversion_id, level) DO UPDATE
+            SET amount = EXCLUDED.amount, currency = EXCLUDED.currency,
+                status = EXCLUDED.status, updated_at = now()",
+    )
+    .bind(conversion_id)
+    .bind(levels)
+    .bind(affiliates)
+    .bind(rates)
+    .bind(amounts)
+    .bind(currency)
+    .bind(status.as_str())
+    .execute(&mut **tx)
+    .await
+    .context("write commissions")?;
+    Ok(())
+}
+
+async fn claim(tx: &mut Transaction<'_, Postgres>) -> anyhow::Result<Option<InboxRow>> {
+    let Some(r) = sqlx::query(
+        "SELECT dedup_key, edge_id, seq, network_id, click_id, txid, event, status,
+                payout::text AS payout, currency::text AS currency, request_id,
+                (extract(epoch FROM ts) * 1000)::int8 AS ts_ms
+         FROM postback_inbox WHERE processed_at IS NULL
+         ORDER BY ts LIMIT 1 FOR UPDATE SKIP LOCKED",
+    )
+    .fetch_optional(&mut **tx)
+    .await
+    .context("claim inbox row")?
+    else {
+        return Ok(None);
+    };
+    let status: String = r.try_get("status")?;
+    let payout: Option<String> = r.try_get("payout")?;
+    Ok(Some(InboxRow {
+        dedup_key: r.try_get("dedup_key")?,
+        edge_id: r.try_get("edge_id")?,
+        seq: r.try_get("seq")?,
+        network_id: r.try_get("network_id")?,
+        click_id: r.try_get("click_id")?,
+        txid: r.try_get("txid")?,
+        event: r.try_get("event")?,
+        status: Status::parse(&status).with_context(|| format!("inbox status {status}"))?,
+        payout: payout.as_deref().map(micros).transpose()?,
+        currency: r.try_get("currency")?,
+        request_id: r.try_get("request_id")?,
+        ts_ms: r.try_get("ts_ms")?,
+    }))
+}
+
+async fn mark(tx: &mut Transaction<'_, Postgres>, key: &[u8], outcome: &str) -> anyhow::Result<()> {
+    sqlx::query(
+        "UPDATE postback_inbox SET processed_at = now(), outcome = $2 WHERE dedup_key = $1",
+    )
+    .bind(key)
+    .bind(outcome)
+    .execute(&mut **tx)
+    .await
+    .context("mark inbox row")?;
+    Ok(())
+}
+
+/// numeric text (`12.500000`) to micro-units.
+fn micros(s: &str) -> anyhow::Result<i64> {
+    parse_micros(s).with_context(|| format!("amount {s}"))
+}
+
+fn conv_status(s: &str) -> anyhow::Result<ConvStatus> {
+    ConvStatus::parse(s).with_context(|| format!("conversion status {s}"))
+}
+
+/// `YYYY-MM-DD` of a day number since the Unix epoch (UTC).
+fn chrono_day(days: i64) -> String {
+    // Civil-from-days (Howard Hinnant's algorithm), exact for all i64 days
+    // a timestamptz can hold.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+/// A row-level refusal (data exception, constraint): retrying cannot help.
+fn is_data_error(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<sqlx::Error>().is_some_and(|e| match e {
+            sqlx::Error::Database(db) => db
+                .code()
+                .is_some_and(|c| c.starts_with("22") || c.starts_with("23")),
+            _ => false,
+        })
+    }) || e.chain().any(|c| c.downcast_ref::<affgate_schema::DecimalError>().is_some())
+}
+
+/// Formats micro-units for logs and the API.
+pub fn money(v: i64) -> String {
+    format_micros(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn days_are_civil_dates() {
+        assert_eq!(chrono_day(0), "1970-01-01");
+        assert_eq!(chrono_day(19_723), "2024-01-01");
+        assert_eq!(chrono_day(19_782), "2024-02-29");
+        assert_eq!(chrono_day(20_780), "2026-11-23");
+        assert_eq!(chrono_day(-1), "1969-12-31");
+    }
+
+    #[test]
+    fn numeric_text_is_read_exactly() {
+        assert_eq!(micros("12.500000").unwrap(), 12_500_000);
+        assert_eq!(micros("0.000001").unwrap(), 1);
+        assert!(micros("-1").is_err());
+    }
+}
