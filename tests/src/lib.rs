@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 
 pub use affgate_schema::keys::{Keys, Secret, token_hash};
 
+pub mod plane;
+
 /// The cluster secret every test uses.
 pub const SECRET_HEX: &str = "5ec2e75ec2e75ec2e75ec2e75ec2e75ec2e75ec2e75ec2e75ec2e75ec2e75ec2";
 
@@ -882,6 +884,9 @@ impl Drop for Stack {
 pub struct CollectorOpts {
     /// Lines inside `[ingest]` (after `udp_listen`), e.g. `window_ms = 20\n`.
     pub ingest_toml: String,
+    /// `[redis] url`, and with it the admin API on a port of its own
+    /// (token [`ADMIN_TOKEN`]).
+    pub admin_redis: Option<String>,
     /// Appended after everything else (whole sections).
     pub extra_toml: String,
     pub env: Vec<(String, String)>,
@@ -896,6 +901,8 @@ pub struct CollectorProc {
     pub udp: SocketAddr,
     /// `/metrics` of the running process (a new port each start).
     pub metrics: Option<SocketAddr>,
+    /// The admin API of the running process, when configured.
+    pub admin: Option<SocketAddr>,
     pub config: PathBuf,
     env: Vec<(String, String)>,
     stderr_path: PathBuf,
@@ -948,8 +955,17 @@ impl CollectorProc {
              [ingest]\nudp_listen = \"{udp}\"\n{}\
              [clickhouse]\nurl = \"http://{CLICKHOUSE_HTTP}\"\ndatabase = \"{}\"\n\
              [postgres]\nurl = \"{}\"\n\
-             [metrics]\nlisten = \"127.0.0.1:0\"\n{}",
-            opts.ingest_toml, stack.name, stack.pg_url, opts.extra_toml
+             [metrics]\nlisten = \"127.0.0.1:0\"\n{}{}",
+            opts.ingest_toml,
+            stack.name,
+            stack.pg_url,
+            opts.admin_redis
+                .as_ref()
+                .map(|url| format!(
+                    "[redis]\nurl = \"{url}\"\n[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{ADMIN_TOKEN}\"\n"
+                ))
+                .unwrap_or_default(),
+            opts.extra_toml
         );
         let config = tmp.path().join("collector.toml");
         std::fs::write(&config, toml).expect("write collector.toml");
@@ -957,6 +973,7 @@ impl CollectorProc {
             child: None,
             udp,
             metrics: None,
+            admin: None,
             config,
             env: opts.env.clone(),
             stderr_path: tmp.path().join("collector.stderr"),
@@ -1030,6 +1047,7 @@ impl CollectorProc {
         let udp = field("udp").unwrap_or_else(|| panic!("no udp= in `{line}`"));
         assert_eq!(udp, self.udp, "the collector listens where it was told");
         self.metrics = Some(field("metrics").unwrap_or_else(|| panic!("no metrics= in `{line}`")));
+        self.admin = field("admin");
         self.child = Some(child);
     }
 
@@ -1053,6 +1071,7 @@ impl CollectorProc {
             let _ = c.wait();
         }
         self.metrics = None;
+        self.admin = None;
     }
 
     /// Start again (or for the first time) on the same UDP port.
@@ -1073,6 +1092,45 @@ impl CollectorProc {
     pub fn metric(&self, name: &str) -> Option<f64> {
         metric_value(&self.metrics_text(), name)
     }
+}
+
+/// The admin token of test collectors.
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+
+/// One admin API request with the test token: `(status, JSON body)`.
+pub fn api(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> (u16, serde_json::Value) {
+    api_as(addr, Some(ADMIN_TOKEN), method, path, body)
+}
+
+/// One admin API request with `token` (None: no Authorization header).
+pub fn api_as(
+    addr: SocketAddr,
+    token: Option<&str>,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> (u16, serde_json::Value) {
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let mut headers: Vec<(&str, &str)> = vec![("Content-Type", "application/json")];
+    if let Some(a) = &auth {
+        headers.push(("Authorization", a));
+    }
+    let r = Client::connect(addr).request(method, path, &headers, body.unwrap_or("").as_bytes());
+    let text = r.body_str();
+    let v = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("{method} {path}: {} is not JSON ({e}): {text}", r.status));
+    (r.status, v)
+}
+
+/// A created resource's id from a 201 answer; panics with the answer otherwise.
+pub fn created(what: &str, (status, v): (u16, serde_json::Value)) -> serde_json::Value {
+    assert_eq!(status, 201, "create {what}: {v}");
+    v
 }
 
 impl Drop for CollectorProc {
