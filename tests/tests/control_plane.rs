@@ -398,3 +398,141 @@ fn redis_flushed_or_down_catches_up() {
     );
     assert_eq!(p.edge.get(&format!("/c/{slug}")).status, 302);
 }
+
+#[test]
+fn two_collectors_processing_the_same_events_never_double_count() {
+    use affgate_tests::plane::{edge_for, id, postback};
+    use affgate_tests::{CollectorOpts, CollectorProc, Redis, Stack};
+
+    const CLICKS: usize = 60;
+    let redis = Redis::start();
+    let stack = Stack::new("cp_two");
+    let opts = CollectorOpts {
+        admin_redis: Some(redis.url()),
+        ..CollectorOpts::default()
+    };
+    let mut a = CollectorProc::start_with(&stack, &opts);
+    let mut b = CollectorProc::unstarted_with(&stack, &opts);
+    let admin = a.admin.expect("admin api");
+    let post = |what: &str, body: serde_json::Value| {
+        let (s, v) = api(
+            admin,
+            "POST",
+            &format!("/api/v1/{what}"),
+            Some(&body.to_string()),
+        );
+        assert_eq!(s, 201, "{what}: {v}");
+        v
+    };
+    let token = "two-collectors-token";
+    let network = id(&post(
+        "networks",
+        json!({"name": "n", "postback_token": token}),
+    ));
+    let mut o = offer(json!(["0.5", "0.25"]));
+    o["network_id"] = json!(network);
+    let offer_id = id(&post("offers", o));
+    let parent = id(&post("affiliates", json!({"name": "parent"})));
+    let child = id(&post(
+        "affiliates",
+        json!({"name": "child", "parent_id": parent}),
+    ));
+    let slug = post(
+        "links",
+        json!({"offer_id": offer_id, "affiliate_id": child, "destination": DEST}),
+    )["slug"]
+        .as_str()
+        .expect("slug")
+        .to_string();
+    // Edge 1 delivers to collector A, edge 2 to collector B; a network
+    // fires every postback at both edges (as retrying networks do).
+    let e1 = edge_for(&redis, &[a.udp], 1);
+    let e2 = edge_for(&redis, &[b.udp], 2);
+    wait_for("edge 1 serves the link", DEADLINE, || {
+        (e1.get(&format!("/c/{slug}")).status == 302).then_some(())
+    });
+    let clicks: Vec<String> = (0..CLICKS)
+        .map(|_| {
+            let r = e1.get(&format!("/c/{slug}"));
+            affgate_tests::click_id_in(r.header("location").unwrap_or_default()).expect("click id")
+        })
+        .collect();
+    wait_for("edge 2 knows the token", DEADLINE, || {
+        (postback(
+            &e2,
+            &[
+                ("click_id", &clicks[0]),
+                ("txid", "warm"),
+                ("token", "nope-nope"),
+            ],
+        )
+        .status
+            == 403)
+            .then_some(())
+    });
+    // Both collectors down while the postbacks pile up in the edges' rings,
+    // then both start at once and drain them concurrently.
+    a.kill9();
+    for (i, click) in clicks.iter().enumerate() {
+        let txid = format!("order-{i}");
+        for status in ["pending", "approved"] {
+            for e in [&e1, &e2] {
+                let r = postback(
+                    e,
+                    &[
+                        ("click_id", click),
+                        ("txid", &txid),
+                        ("status", status),
+                        ("amount", "10"),
+                        ("token", token),
+                    ],
+                );
+                assert_eq!(r.status, 200);
+            }
+        }
+    }
+    a.restart();
+    b.restart();
+    wait_for_long("every postback processed", || {
+        let rows = stack.pg("SELECT count(*) FROM postback_inbox WHERE processed_at IS NOT NULL");
+        (rows.trim() == (2 * CLICKS).to_string()).then_some(())
+    });
+    assert_eq!(
+        stack
+            .pg("SELECT count(*) FROM conversions WHERE status = 'approved'")
+            .trim(),
+        CLICKS.to_string()
+    );
+    assert_eq!(
+        stack.pg("SELECT count(*) FROM conversion_events").trim(),
+        (2 * CLICKS).to_string()
+    );
+    assert_eq!(
+        stack
+            .pg(&format!(
+                "SELECT count(*)::text || ' ' || (sum(amount) = {CLICKS} * 7.5)::text
+                 FROM commissions WHERE status = 'approved'"
+            ))
+            .trim(),
+        format!("{} true", 2 * CLICKS),
+        "each conversion paid 5 + 2.5 exactly once"
+    );
+    let processed = |c: &CollectorProc| -> f64 {
+        ["recorded", "not_applied", "refused"]
+            .iter()
+            .map(|o| {
+                c.metric(&format!(
+                    "affgate_collector_postbacks_processed_total{{outcome=\"{o}\"}}"
+                ))
+                .unwrap_or(0.0)
+            })
+            .sum()
+    };
+    let (pa, pb) = (processed(&a), processed(&b));
+    assert_eq!(pa + pb, (2 * CLICKS) as f64, "a {pa} + b {pb}");
+    eprintln!("collector a processed {pa} postbacks, collector b {pb}");
+}
+
+fn wait_for_long<T>(what: &str, f: impl FnMut() -> Option<T>) -> T {
+    wait_for(what, Duration::from_secs(60), f)
+}
