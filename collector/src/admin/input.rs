@@ -190,6 +190,12 @@ impl Query {
                 name,
                 &format!("must be at most {max} characters"),
             )),
+            // As in bodies: a NUL would otherwise reach PostgreSQL, which
+            // refuses it without naming the parameter.
+            Some((_, v)) if v.chars().any(char::is_control) => Err(ApiError::invalid(
+                name,
+                "must not contain control characters",
+            )),
             Some((_, v)) => Ok(Some(v)),
         }
     }
@@ -273,5 +279,10 @@ mod tests {
         assert!(Query::parse(Some("limit=1&limit=2"), &["limit"]).is_err());
         let q = Query::parse(Some("limit=abc"), &["limit"]).unwrap();
         assert_eq!(q.int("limit", 1, 10).unwrap_err().field.as_deref(), Some("limit"));
+        let q = Query::parse(Some("click_id=a%00b"), &["click_id"]).unwrap();
+        assert_eq!(
+            q.str("click_id", 64).unwrap_err().field.as_deref(),
+            Some("click_id")
+        );
     }
 }
