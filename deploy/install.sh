@@ -5,11 +5,12 @@
 #   capnproto      the Cap'n Proto compiler (affgate-schema's build)
 #   redis-server   link source for edges, and the tests' Redis
 #   openssl, curl  test certificates; the demo's requests
+#   python3        the demo's and load harnesses' JSON and port helpers
 set -euo pipefail
 
 need=()
 have() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
-for pkg in capnproto redis-server openssl curl ca-certificates; do
+for pkg in capnproto redis-server openssl curl ca-certificates python3; do
   have "$pkg" || need+=("$pkg")
 done
 

@@ -167,7 +167,11 @@ impl Propagator {
         if let Err(e) = r {
             self.dirty.store(true, Ordering::Relaxed);
             self.stats.failures.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(what, error = format!("{e:#}"), "propagation failed; will publish everything again once redis answers");
+            tracing::warn!(
+                what,
+                error = format!("{e:#}"),
+                "propagation failed; will publish everything again once redis answers"
+            );
         }
     }
 
@@ -204,7 +208,11 @@ impl Propagator {
         let mut conn = self.connection().await?;
         let mut pipe = redis::pipe();
         for p in &puts {
-            pipe.cmd("EVAL").arg(p.script).arg(1).arg(&p.key).arg(&p.args);
+            pipe.cmd("EVAL")
+                .arg(p.script)
+                .arg(1)
+                .arg(&p.key)
+                .arg(&p.args);
         }
         let r: Result<Result<Vec<i64>, _>, _> =
             tokio::time::timeout(timeout, pipe.query_async(&mut conn)).await;
@@ -242,7 +250,10 @@ impl Propagator {
             .fetch_all(&self.pool)
             .await
             .context("read offers")?;
-        let puts = offers.iter().map(offer_put).collect::<anyhow::Result<_>>()?;
+        let puts = offers
+            .iter()
+            .map(offer_put)
+            .collect::<anyhow::Result<_>>()?;
         self.apply(puts, SYNC_TIMEOUT).await?;
         let mut after = 0i64;
         let mut links = 0usize;
@@ -265,7 +276,10 @@ impl Propagator {
         let now = crate::ingest::now_ms();
         let set: Result<Result<(), _>, _> = tokio::time::timeout(
             COMMAND_TIMEOUT,
-            redis::cmd("SET").arg(SYNCED_KEY).arg(now).query_async(&mut conn),
+            redis::cmd("SET")
+                .arg(SYNCED_KEY)
+                .arg(now)
+                .query_async(&mut conn),
         )
         .await;
         match set {
@@ -330,7 +344,9 @@ impl Propagator {
                         self.offer(id).await;
                     }
                 }
-                Err(e) => tracing::warn!(error = format!("{e:#}"), "could not reopen capped offers"),
+                Err(e) => {
+                    tracing::warn!(error = format!("{e:#}"), "could not reopen capped offers")
+                }
             }
             let need = self.dirty.load(Ordering::Relaxed)
                 || match self.synced().await {
@@ -345,7 +361,10 @@ impl Propagator {
                     self.dirty.store(true, Ordering::Relaxed);
                     self.stats.up.store(false, Ordering::Relaxed);
                     self.stats.failures.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(error = format!("{e:#}"), "full publication to redis failed; retrying");
+                    tracing::warn!(
+                        error = format!("{e:#}"),
+                        "full publication to redis failed; retrying"
+                    );
                 }
             }
             tokio::select! {
@@ -384,7 +403,10 @@ fn link_put(row: &sqlx::postgres::PgRow) -> anyhow::Result<Put> {
             "affiliate_id",
             row.try_get::<i64, _>("affiliate_id")?.to_string(),
         ),
-        ("network_id", row.try_get::<i64, _>("network_id")?.to_string()),
+        (
+            "network_id",
+            row.try_get::<i64, _>("network_id")?.to_string(),
+        ),
         ("version", version.to_string()),
     ];
     let mut args = vec![version.to_string(), format!("link:{slug}")];

@@ -20,9 +20,11 @@ pub const MAX_SLUG_LEN: usize = 128;
 /// Longest destination or fallback URL.
 pub const MAX_URL_LEN: usize = 2048;
 
-/// Slugs are URL-safe: `A-Z a-z 0-9 - _ .`, 1 to 128 characters.
+/// Slugs are URL-safe: `A-Z a-z 0-9 - _ .`, 1 to 128 characters, and not
+/// only dots (`/c/..` would be normalised away by clients).
 pub fn valid_slug(slug: &str) -> bool {
     !slug.is_empty()
+        && !slug.bytes().all(|b| b == b'.')
         && slug.len() <= MAX_SLUG_LEN
         && slug
             .bytes()
@@ -45,7 +47,9 @@ pub enum DestinationError {
     NotUrl,
     #[error("longer than {MAX_URL_LEN} characters")]
     TooLong,
-    #[error("unknown macro {{{0}}}; known: {{click_id}} {{sub1}}..{{sub5}} {{link_id}} {{offer_id}} {{affiliate_id}}")]
+    #[error(
+        "unknown macro {{{0}}}; known: {{click_id}} {{sub1}}..{{sub5}} {{link_id}} {{offer_id}} {{affiliate_id}}"
+    )]
     UnknownMacro(String),
     #[error("unclosed `{{`")]
     Unclosed,
@@ -83,8 +87,14 @@ mod tests {
             Ok(())
         );
         assert_eq!(check_destination("ftp://x/"), Err(DestinationError::NotUrl));
-        assert_eq!(check_destination("https:///x"), Err(DestinationError::NotUrl));
-        assert_eq!(check_destination("https://a b/"), Err(DestinationError::NotUrl));
+        assert_eq!(
+            check_destination("https:///x"),
+            Err(DestinationError::NotUrl)
+        );
+        assert_eq!(
+            check_destination("https://a b/"),
+            Err(DestinationError::NotUrl)
+        );
         assert_eq!(
             check_destination("https://m.example/{nope}"),
             Err(DestinationError::UnknownMacro("nope".into()))
@@ -102,6 +112,8 @@ mod tests {
         assert!(valid_slug("abc-DEF_1.2"));
         assert!(!valid_slug(""));
         assert!(!valid_slug("a/b"));
+        assert!(!valid_slug(".."));
+        assert!(valid_slug("a.b"));
         assert!(!valid_slug(&"a".repeat(MAX_SLUG_LEN + 1)));
     }
 }

@@ -211,6 +211,24 @@ fn a_cap_of_three_caps_the_fourth_and_sends_clicks_to_the_fallback() {
             (r.header("location") == Some(OFFER_FALLBACK)).then_some(())
         },
     );
+    // The next UTC day (the cap's day moved into the past): the collector
+    // reopens the offer and the link redirects to the merchant again.
+    p.stack.pg(&format!(
+        "UPDATE offers SET capped_on = capped_on - 1 WHERE id = {offer_id}"
+    ));
+    wait_for("the offer reopened on the next day", DEADLINE, || {
+        let r = p.edge.get(&format!("/c/{slug}"));
+        r.header("location")
+            .is_some_and(|l| l.starts_with("https://merchant.example/"))
+            .then_some(())
+    });
+    let (_, o) = api(
+        p.admin(),
+        "GET",
+        &format!("/api/v1/offers/{offer_id}"),
+        None,
+    );
+    assert_eq!(o["capped"], false, "{o}");
 }
 
 #[test]

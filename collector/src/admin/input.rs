@@ -57,7 +57,10 @@ impl Body {
                         &format!("must be at most {max} characters"),
                     ))
                 } else if s.chars().any(char::is_control) {
-                    Err(ApiError::invalid(name, "must not contain control characters"))
+                    Err(ApiError::invalid(
+                        name,
+                        "must not contain control characters",
+                    ))
                 } else {
                     Ok(Some(s.clone()))
                 }
@@ -115,7 +118,8 @@ impl Body {
                     .iter()
                     .enumerate()
                     .map(|(i, v)| {
-                        decimal(v).map_err(|why| ApiError::invalid(name, &format!("item {i}: {why}")))
+                        decimal(v)
+                            .map_err(|why| ApiError::invalid(name, &format!("item {i}: {why}")))
                     })
                     .collect()
             }
@@ -235,7 +239,10 @@ mod tests {
     fn unknown_fields_and_non_objects_are_refused() {
         let e = Body::new(json!({"zzz": 1}), &["a"]).unwrap_err();
         assert_eq!((e.status.as_u16(), e.field.as_deref()), (422, Some("zzz")));
-        assert_eq!(Body::new(json!([1]), &["a"]).unwrap_err().status.as_u16(), 400);
+        assert_eq!(
+            Body::new(json!([1]), &["a"]).unwrap_err().status.as_u16(),
+            400
+        );
     }
 
     #[test]
@@ -278,7 +285,10 @@ mod tests {
         assert!(Query::parse(Some("x=1"), &["limit"]).is_err());
         assert!(Query::parse(Some("limit=1&limit=2"), &["limit"]).is_err());
         let q = Query::parse(Some("limit=abc"), &["limit"]).unwrap();
-        assert_eq!(q.int("limit", 1, 10).unwrap_err().field.as_deref(), Some("limit"));
+        assert_eq!(
+            q.int("limit", 1, 10).unwrap_err().field.as_deref(),
+            Some("limit")
+        );
         let q = Query::parse(Some("click_id=a%00b"), &["click_id"]).unwrap();
         assert_eq!(
             q.str("click_id", 64).unwrap_err().field.as_deref(),

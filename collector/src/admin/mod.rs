@@ -81,10 +81,7 @@ impl From<sqlx::Error> for ApiError {
     /// the database's trouble, not the request's: 503.
     fn from(e: sqlx::Error) -> ApiError {
         if let sqlx::Error::Database(db) = &e {
-            let field = db
-                .constraint()
-                .map(constraint_field)
-                .unwrap_or_default();
+            let field = db.constraint().map(constraint_field).unwrap_or_default();
             match db.code().as_deref() {
                 Some("23505") => return ApiError::conflict(&field, "already taken"),
                 Some("23503") => return ApiError::invalid(&field, "does not exist"),
@@ -142,10 +139,13 @@ fn json(status: StatusCode, body: String) -> Resp {
 
 /// Constant-time check of `Authorization: Bearer <token>`.
 fn authorized(req: &Request<hyper::body::Incoming>, token: &str) -> bool {
+    // The scheme name is case-insensitive (RFC 9110 section 11.1).
     let Some(given) = req
         .headers()
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+        .map(|v| v.as_bytes())
+        .filter(|v| v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer "))
+        .map(|v| &v[7..])
     else {
         return false;
     };
@@ -247,7 +247,10 @@ mod tests {
     fn constraint_names_give_fields() {
         assert_eq!(constraint_field("links_slug_key"), "slug");
         assert_eq!(constraint_field("offers_network_id_fkey"), "network_id");
-        assert_eq!(constraint_field("networks_postback_token_key"), "postback_token");
+        assert_eq!(
+            constraint_field("networks_postback_token_key"),
+            "postback_token"
+        );
         assert_eq!(constraint_field("offers_payout_check"), "payout");
     }
 

@@ -22,7 +22,8 @@ const MAX_LIMIT: i64 = 1000;
 /// Attempts at a free generated slug before giving up.
 const SLUG_ATTEMPTS: usize = 8;
 
-const NETWORK_JSON: &str = "json_build_object('id', t.id, 'name', t.name, 'created_at', t.created_at)";
+const NETWORK_JSON: &str =
+    "json_build_object('id', t.id, 'name', t.name, 'created_at', t.created_at)";
 const OFFER_JSON: &str = "json_build_object('id', t.id, 'name', t.name, 'network_id', t.network_id,
     'payout', trim_scale(t.payout)::text, 'currency', t.currency,
     'commission_levels', (SELECT json_agg(trim_scale(x)::text) FROM unnest(t.commission_levels) x),
@@ -30,7 +31,8 @@ const OFFER_JSON: &str = "json_build_object('id', t.id, 'name', t.name, 'network
     'fallback_url', t.fallback_url, 'status', t.status,
     'capped', coalesce(t.capped_on >= (now() AT TIME ZONE 'UTC')::date, false),
     'created_at', t.created_at)";
-const AFFILIATE_JSON: &str = "json_build_object('id', t.id, 'name', t.name, 'parent_id', t.parent_id,
+const AFFILIATE_JSON: &str =
+    "json_build_object('id', t.id, 'name', t.name, 'parent_id', t.parent_id,
     'path', t.path::text, 'postback_url', t.postback_url, 'created_at', t.created_at)";
 const LINK_JSON: &str = "json_build_object('id', t.id, 'slug', t.slug, 'offer_id', t.offer_id,
     'affiliate_id', t.affiliate_id, 'destination', t.destination,
@@ -133,11 +135,12 @@ fn path_id(s: &str) -> Result<i64, ApiError> {
 }
 
 async fn get(admin: &Admin, table: &str, obj: &str, id: i64, what: &str) -> Reply {
-    let row: Option<String> =
-        sqlx::query_scalar(&format!("SELECT {obj}::text FROM {table} t WHERE t.id = $1"))
-            .bind(id)
-            .fetch_optional(&admin.pool)
-            .await?;
+    let row: Option<String> = sqlx::query_scalar(&format!(
+        "SELECT {obj}::text FROM {table} t WHERE t.id = $1"
+    ))
+    .bind(id)
+    .fetch_optional(&admin.pool)
+    .await?;
     row.map(|j| (StatusCode::OK, j))
         .ok_or_else(|| ApiError::not_found(what))
 }
@@ -162,7 +165,9 @@ async fn list(
             'next_after', CASE WHEN count(*) = $2 THEN max(id) END)::text
          FROM page"
     );
-    let mut query = sqlx::query_scalar::<_, String>(&sql).bind(after).bind(limit);
+    let mut query = sqlx::query_scalar::<_, String>(&sql)
+        .bind(after)
+        .bind(limit);
     for b in binds {
         query = match b {
             Bind::Int(i) => query.bind(i),
@@ -180,7 +185,14 @@ enum Bind {
 async fn list_conversions(admin: &Admin, query: Option<&str>) -> Reply {
     let q = Query::parse(
         query,
-        &["limit", "after", "click_id", "affiliate_id", "offer_id", "status"],
+        &[
+            "limit",
+            "after",
+            "click_id",
+            "affiliate_id",
+            "offer_id",
+            "status",
+        ],
     )?;
     let mut filter = String::new();
     let mut binds = Vec::new();
@@ -392,14 +404,23 @@ async fn create_link(admin: &Admin, b: Body) -> Reply {
     }
     let code = b.int_opt("redirect_code", 300, 399)?.unwrap_or(302);
     if !matches!(code, 301 | 302 | 307 | 308) {
-        return Err(ApiError::invalid("redirect_code", "must be 301, 302, 307 or 308"));
+        return Err(ApiError::invalid(
+            "redirect_code",
+            "must be 301, 302, 307 or 308",
+        ));
     }
     exists(admin, "offers", offer_id, "offer_id").await?;
     exists(admin, "affiliates", affiliate_id, "affiliate_id").await?;
     let mut rng = fastrand::Rng::new();
-    let attempts = if given_slug.is_some() { 1 } else { SLUG_ATTEMPTS };
+    let attempts = if given_slug.is_some() {
+        1
+    } else {
+        SLUG_ATTEMPTS
+    };
     for _ in 0..attempts {
-        let slug = given_slug.clone().unwrap_or_else(|| slug::generate(&mut rng));
+        let slug = given_slug
+            .clone()
+            .unwrap_or_else(|| slug::generate(&mut rng));
         let r: Result<(i64, String), sqlx::Error> = sqlx::query_as(&format!(
             "WITH t AS (INSERT INTO links (slug, offer_id, affiliate_id, destination, redirect_code)
                         VALUES ($1, $2, $3, $4, $5) RETURNING *)
@@ -465,11 +486,12 @@ async fn patch_link(admin: &Admin, id: i64, b: Body) -> Reply {
 
 /// 422 naming `field` unless `table` has a row `id`.
 async fn exists(admin: &Admin, table: &str, id: i64, field: &str) -> Result<(), ApiError> {
-    let found: bool =
-        sqlx::query_scalar(&format!("SELECT EXISTS (SELECT 1 FROM {table} WHERE id = $1)"))
-            .bind(id)
-            .fetch_one(&admin.pool)
-            .await?;
+    let found: bool = sqlx::query_scalar(&format!(
+        "SELECT EXISTS (SELECT 1 FROM {table} WHERE id = $1)"
+    ))
+    .bind(id)
+    .fetch_one(&admin.pool)
+    .await?;
     if found {
         Ok(())
     } else {

@@ -72,7 +72,10 @@ impl ConvStatus {
     pub fn has_commissions(self) -> bool {
         matches!(
             self,
-            ConvStatus::Pending | ConvStatus::Approved | ConvStatus::Rejected | ConvStatus::Reversed
+            ConvStatus::Pending
+                | ConvStatus::Approved
+                | ConvStatus::Rejected
+                | ConvStatus::Reversed
         )
     }
 }
@@ -181,18 +184,9 @@ mod tests {
     #[test]
     fn transitions() {
         use ConvStatus as C;
-        assert_eq!(
-            transition(C::Pending, Status::Approved),
-            Some(C::Approved)
-        );
-        assert_eq!(
-            transition(C::Approved, Status::Reversed),
-            Some(C::Reversed)
-        );
-        assert_eq!(
-            transition(C::Pending, Status::Rejected),
-            Some(C::Rejected)
-        );
+        assert_eq!(transition(C::Pending, Status::Approved), Some(C::Approved));
+        assert_eq!(transition(C::Approved, Status::Reversed), Some(C::Reversed));
+        assert_eq!(transition(C::Pending, Status::Rejected), Some(C::Rejected));
         assert_eq!(transition(C::Approved, Status::Pending), None);
         assert_eq!(transition(C::Approved, Status::Approved), None);
         assert_eq!(transition(C::Reversed, Status::Approved), None);
@@ -206,7 +200,15 @@ mod tests {
 
     #[test]
     fn names_round_trip() {
-        for s in ["pending", "approved", "rejected", "reversed", "quarantined", "capped", "expired"] {
+        for s in [
+            "pending",
+            "approved",
+            "rejected",
+            "reversed",
+            "quarantined",
+            "capped",
+            "expired",
+        ] {
             assert_eq!(ConvStatus::parse(s).map(ConvStatus::as_str), Some(s));
         }
         assert_eq!(ConvStatus::parse("nope"), None);

@@ -181,7 +181,10 @@ impl Mirror {
                     }
                     Err(e) => {
                         self.stats.errors.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(error = format!("{e:#}"), "conversion mirror to clickhouse failed; events wait in postgres");
+                        tracing::warn!(
+                            error = format!("{e:#}"),
+                            "conversion mirror to clickhouse failed; events wait in postgres"
+                        );
                         let w = backoff;
                         backoff = (backoff * 2).min(BACKOFF_MAX);
                         break w;

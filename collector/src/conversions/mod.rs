@@ -134,7 +134,11 @@ impl Processor {
                 }
                 Err(e) => {
                     self.stats.errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(error = format!("{e:#}"), retry_in_ms = backoff.as_millis() as u64, "conversion processing failed; the inbox keeps the postbacks");
+                    tracing::warn!(
+                        error = format!("{e:#}"),
+                        retry_in_ms = backoff.as_millis() as u64,
+                        "conversion processing failed; the inbox keeps the postbacks"
+                    );
                     let w = backoff;
                     backoff = (backoff * 2).min(BACKOFF_MAX);
                     w
@@ -177,7 +181,12 @@ impl Processor {
             Outcome::Recorded => &self.stats.recorded,
             Outcome::NotApplied => &self.stats.not_applied,
             Outcome::Refused(why) => {
-                tracing::info!(click_id = row.click_id, network_id = row.network_id, why, "postback not attributable");
+                tracing::info!(
+                    click_id = row.click_id,
+                    network_id = row.network_id,
+                    why,
+                    "postback not attributable"
+                );
                 &self.stats.refused
             }
         };
@@ -246,13 +255,12 @@ impl Processor {
         let conversion_key =
             DedupKey::for_conversion(row.network_id as u64, &row.click_id, &row.txid, &row.event);
 
-        let existing = sqlx::query(
-            "SELECT id, status FROM conversions WHERE conversion_key = $1 FOR UPDATE",
-        )
-        .bind(&conversion_key.0[..])
-        .fetch_optional(&mut **tx)
-        .await
-        .context("lock conversion")?;
+        let existing =
+            sqlx::query("SELECT id, status FROM conversions WHERE conversion_key = $1 FOR UPDATE")
+                .bind(&conversion_key.0[..])
+                .fetch_optional(&mut **tx)
+                .await
+                .context("lock conversion")?;
 
         let mut capped_offer = None;
         let (conversion_id, before, after) = match existing {
@@ -425,13 +433,12 @@ impl Processor {
                 }
                 let amount = if before.is_some() && row.payout.is_none() {
                     // Approval without an amount keeps the conversion's.
-                    let p: String = sqlx::query_scalar(
-                        "SELECT payout::text FROM conversions WHERE id = $1",
-                    )
-                    .bind(conversion_id)
-                    .fetch_one(&mut **tx)
-                    .await
-                    .context("conversion payout")?;
+                    let p: String =
+                        sqlx::query_scalar("SELECT payout::text FROM conversions WHERE id = $1")
+                            .bind(conversion_id)
+                            .fetch_one(&mut **tx)
+                            .await
+                            .context("conversion payout")?;
                     micros(&p)?
                 } else {
                     payout
@@ -581,7 +588,9 @@ fn is_data_error(e: &anyhow::Error) -> bool {
                 .is_some_and(|c| c.starts_with("22") || c.starts_with("23")),
             _ => false,
         })
-    }) || e.chain().any(|c| c.downcast_ref::<affgate_schema::DecimalError>().is_some())
+    }) || e
+        .chain()
+        .any(|c| c.downcast_ref::<affgate_schema::DecimalError>().is_some())
 }
 
 /// Formats micro-units for logs and the API.

@@ -102,7 +102,10 @@ mod tests {
     fn three_levels_of_a_round_payout() {
         let s = split(100 * MICRO, &[700_000, 100_000, 50_000], &[9, 5, 1]);
         let amounts: Vec<_> = s.iter().map(|s| (s.affiliate_id, s.amount)).collect();
-        assert_eq!(amounts, vec![(9, 70 * MICRO), (5, 10 * MICRO), (1, 5 * MICRO)]);
+        assert_eq!(
+            amounts,
+            vec![(9, 70 * MICRO), (5, 10 * MICRO), (1, 5 * MICRO)]
+        );
     }
 
     #[test]
