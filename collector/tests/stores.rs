@@ -243,12 +243,12 @@ async fn migrate_twice_changes_nothing() {
     let first = migrate::postgres(&dbs.pool)
         .await
         .expect("first postgres run");
-    assert_eq!(first.applied, ["0001_inbox.sql"]);
+    assert_eq!(first.applied, ["0001_inbox.sql", "0002_control_plane.sql"]);
     let second = migrate::postgres(&dbs.pool)
         .await
         .expect("second postgres run");
     assert!(second.applied.is_empty(), "{second:?}");
-    assert_eq!(second.already, ["0001_inbox.sql"]);
+    assert_eq!(second.already, ["0001_inbox.sql", "0002_control_plane.sql"]);
 
     // A file whose recorded checksum differs was edited after it was
     // applied: refused, naming the file.
