@@ -3,6 +3,11 @@
 # into ClickHouse, against ClickHouse's own insert rate for the same rows.
 #
 #   benches/load_delivery.sh [seconds]      (default 60; AFFGATE_LOAD_CONNS=64)
+#   AFFGATE_LOAD_PACED=1 benches/load_delivery.sh 60
+#       paced instead of flat out: every connection waits 1 ms between
+#       requests (wrk's delay()), so AFFGATE_LOAD_CONNS sets the rate
+#       (about 26 connections give 20,000 clicks/s here); for the lag target.
+#   AFFGATE_LOAD_WINDOW_MS=50: the collector's [ingest] window_ms (default: its own).
 #
 # What it does, all on 127.0.0.1:
 #  1. starts the stack (deploy/services.sh), builds release binaries;
@@ -23,6 +28,10 @@ cd "$(dirname "$0")/.."
 root=$(pwd)
 secs=${1:-60}
 conns=${AFFGATE_LOAD_CONNS:-64}
+paced=${AFFGATE_LOAD_PACED:-}
+window_ms=${AFFGATE_LOAD_WINDOW_MS:-}
+# Every AFFGATE_* variable is a config key to the binaries: keep ours out.
+unset AFFGATE_LOAD_CONNS AFFGATE_LOAD_PACED AFFGATE_LOAD_WINDOW_MS
 db=affgate_load
 
 ./deploy/install.sh >/dev/null
@@ -56,6 +65,7 @@ cat >"$work/collector.toml" <<TOML
 secret = "$secret"
 [ingest]
 udp_listen = "127.0.0.1:$udp_port"
+${window_ms:+window_ms = $window_ms}
 [clickhouse]
 url = "http://127.0.0.1:8123"
 database = "$db"
@@ -98,6 +108,16 @@ request = function()
   return wrk.format("GET", "/c/s" .. math.random(0, 9999))
 end
 LUA
+if [ -n "$paced" ]; then
+  echo 'delay = function() return 1 end' >>"$work/random.lua"
+fi
+
+# CPU time (utime + stime, clock ticks) of a process and its threads.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+hz=$(getconf CLK_TCK)
+ch_pid=$(pgrep -o -x clickhouse-server || pgrep -o -f 'clickhouse-server --config' || true)
+collector_pid=${pids[0]}
+c0=$(cpu_ticks "$collector_pid"); s0=$( [ -n "$ch_pid" ] && cpu_ticks "$ch_pid" || echo 0)
 
 echo "== wrk: ${secs}s, $conns connections, random slugs, edge at $http"
 wrk -t1 -c"$conns" -d"${secs}s" --latency -s "$work/random.lua" "http://$http" | tee "$work/wrk.txt"
@@ -113,6 +133,7 @@ while :; do
   sleep 0.2
 done
 drained=$(date +%s%N)
+c1=$(cpu_ticks "$collector_pid"); s1=$( [ -n "$ch_pid" ] && cpu_ticks "$ch_pid" || echo 0)
 first_last=$(ch "SELECT min(received_ms), max(received_ms) FROM $db.clicks FORMAT TSV")
 lag=$(ch "SELECT arrayStringConcat(arrayMap(x -> toString(round(x)), quantiles(0.5, 0.9, 0.99, 0.999)(received_ms - ts_ms)), ' / ') FROM $db.clicks")
 distinct=$(ch "SELECT uniqExact(click_id) FROM $db.clicks")
@@ -125,10 +146,26 @@ rate=$(( minted * 1000 / (span_ms > 0 ? span_ms : 1) ))
 echo "== ceiling: clickhouse-client inserting the same $minted rows (TSV)"
 ch "CREATE TABLE $db.ceiling AS $db.clicks" >/dev/null
 ch "SELECT * FROM $db.clicks FORMAT TabSeparated" >"$work/clicks.tsv"
+s2=$( [ -n "$ch_pid" ] && cpu_ticks "$ch_pid" || echo 0)
 t0=$(date +%s%N)
-clickhouse-client --query "INSERT INTO $db.ceiling FORMAT TabSeparated" <"$work/clicks.tsv"
+client_cpu=$( { TIMEFORMAT='%U %S'; time clickhouse-client --query "INSERT INTO $db.ceiling FORMAT TabSeparated" <"$work/clicks.tsv" >/dev/null; } 2>&1 | tail -1)
 t1=$(date +%s%N)
+s3=$( [ -n "$ch_pid" ] && cpu_ticks "$ch_pid" || echo 0)
 ceiling=$(( minted * 1000000000 / (t1 - t0) ))
+# CPU microseconds per row: the pipeline (collector + server) against the
+# ceiling (clickhouse-client + server), the same rows into the same table.
+cpu=$(python3 - "$minted" "$hz" "$c0" "$c1" "$s0" "$s1" "$s2" "$s3" "$client_cpu" <<'PY'
+import sys
+n, hz, c0, c1, s0, s1, s2, s3 = (float(x) for x in sys.argv[1:9])
+cu, cs = (float(x) for x in sys.argv[9].split())
+col = (c1 - c0) / hz * 1e6 / n
+srv = (s1 - s0) / hz * 1e6 / n
+cli = (cu + cs) * 1e6 / n
+srv2 = (s3 - s2) / hz * 1e6 / n
+print(f"{col:.2f} {srv:.2f} {cli:.2f} {srv2:.2f} {(cli + srv2) / (col + srv):.2f}")
+PY
+)
+read -r cpu_col cpu_srv cpu_cli cpu_srv2 cpu_ratio <<<"$cpu"
 
 echo
 echo "clicks minted (302s):            $minted"
@@ -138,5 +175,8 @@ echo "drain after wrk stopped:         $(( (drained - stopped) / 1000000 )) ms"
 echo "delivery lag p50/p90/p99/p99.9:  $lag ms"
 echo "clickhouse-client ceiling:       $ceiling rows/s"
 echo "ratio (pipeline / ceiling):      $(python3 -c "print(f'{$rate/$ceiling:.2f}')")"
+echo "CPU us/row, collector + server:  $cpu_col + $cpu_srv (pipeline, while wrk ran and drained)"
+echo "CPU us/row, client + server:     $cpu_cli + $cpu_srv2 (clickhouse-client ceiling)"
+echo "CPU ratio (ceiling / pipeline):  $cpu_ratio (1.0 = the collector costs what clickhouse-client does)"
 ch "DROP DATABASE IF EXISTS $db" >/dev/null
 rm -f "/dev/shm/affgate-load-$$.ring"
