@@ -554,3 +554,47 @@ fn two_collectors_processing_the_same_events_never_double_count() {
 fn wait_for_long<T>(what: &str, f: impl FnMut() -> Option<T>) -> T {
     wait_for(what, Duration::from_secs(60), f)
 }
+
+#[test]
+fn a_postback_after_the_attribution_window_is_expired() {
+    use affgate_schema::click_id::ClickId;
+    let p = Plane::start("cp_window");
+    let token = "window-network-token";
+    let mut o = offer(json!([0.5]));
+    o["attribution_window_days"] = json!(7);
+    let (_, offer_id, chain) = p.offer_with_tree(token, o, 1);
+    let (link_id, _) = p.link(offer_id, chain[0], DEST);
+    // A genuine click id of this link, minted 8 days ago (as an edge would
+    // have then): it verifies, but the offer's window is 7 days.
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_millis() as u64;
+    let old = ClickId::mint(
+        &affgate_tests::keys(),
+        9,
+        now_ms - 8 * 86_400_000,
+        link_id as u64,
+        1,
+    )
+    .expect("mint");
+    let young = ClickId::mint(
+        &affgate_tests::keys(),
+        9,
+        now_ms - 6 * 86_400_000,
+        link_id as u64,
+        2,
+    )
+    .expect("mint");
+    for (click, txid) in [(old.as_str(), "late"), (young.as_str(), "in-time")] {
+        let r = p.postback(&[("click_id", click), ("txid", txid), ("token", token)]);
+        assert_eq!(r.status, 200, "{}", r.body_str());
+    }
+    let c = p.conversion_until(old.as_str(), "the expired conversion", |c| {
+        c["status"] == "expired"
+    });
+    assert!(commissions(&c).is_empty(), "{c}");
+    p.conversion_until(young.as_str(), "the in-time conversion", |c| {
+        c["status"] == "approved"
+    });
+}
