@@ -1,6 +1,7 @@
 //! affgate-collector: receives the edges' batches and commits them to the
-//! stores, then acknowledges them; also runs the migrations, and (later)
-//! the control plane.
+//! stores, then acknowledges them; turns postbacks into conversions and
+//! commissions; serves the admin API and propagates its changes to Redis;
+//! runs the migrations.
 //!
 //! - `config`: the TOML file, `AFFGATE_*` overrides, typed checks.
 //! - `migrate`: `affgate-collector migrate`, the ClickHouse runner and the

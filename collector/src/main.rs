@@ -11,7 +11,9 @@ use clap::{Parser, Subcommand};
 
 /// affgate collector: receives event batches from edges, writes clicks to
 /// ClickHouse and postbacks to PostgreSQL, and acknowledges them once
-/// committed.
+/// committed; turns postbacks into conversions with multi-level commissions
+/// (mirrored to ClickHouse); serves the admin API on [admin] listen and
+/// propagates its changes through [redis] url to the edges.
 ///
 /// Every config key can be overridden from the environment:
 /// AFFGATE_INGEST_UDP_LISTEN for [ingest] udp_listen, AFFGATE_SECRET for
@@ -70,13 +72,16 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Run) {
         Command::CheckConfig => {
             println!(
-                "config ok: udp_listen={} clickhouse={} database={} window={:?}/{} rows",
+                "config ok: udp_listen={} clickhouse={} database={} window={:?}/{} rows admin={}",
                 cfg.udp_listen
                     .map_or_else(|| "none".to_string(), |a| a.to_string()),
                 cfg.clickhouse.url,
                 cfg.clickhouse.database,
                 cfg.window,
-                cfg.window_rows
+                cfg.window_rows,
+                cfg.admin
+                    .as_ref()
+                    .map_or_else(|| "none".to_string(), |a| a.listen.to_string())
             );
             Ok(())
         }
