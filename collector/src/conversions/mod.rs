@@ -67,6 +67,12 @@ impl Outcome {
     }
 }
 
+/// Another transaction created the same conversion between our look and
+/// our insert; the row is rolled back and taken again.
+#[derive(Debug, thiserror::Error)]
+#[error("conversion created concurrently")]
+struct Raced;
+
 /// One claimed inbox row.
 #[derive(Debug)]
 struct InboxRow {
@@ -171,6 +177,11 @@ impl Processor {
                 mark(&mut tx, &key, "error").await?;
                 tx.commit().await.context("commit")?;
                 self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                return Ok(true);
+            }
+            Err(e) if e.is::<Raced>() => {
+                drop(tx);
+                tracing::debug!("conversion created by another collector meanwhile; retrying the row");
                 return Ok(true);
             }
             Err(e) => return Err(e),
@@ -339,9 +350,9 @@ impl Processor {
                 .await
                 .context("insert conversion")?;
                 let Some(id) = inserted else {
-                    // Another collector created it after our look: this
-                    // transaction saw nothing it must undo; try again later.
-                    anyhow::bail!("conversion created concurrently; retrying");
+                    // Another collector created it after our look: roll
+                    // back and take the row again, now seeing that conversion.
+                    return Err(Raced.into());
                 };
                 if let Some((taken, cap)) = cap
                     && status != ConvStatus::Capped
