@@ -18,7 +18,7 @@ use http::header::{HeaderValue, LOCATION, REFERER, USER_AGENT};
 use http::{Method, Request, StatusCode};
 use http_body_util::Full;
 
-use super::{App, Body, X_REQUEST_ID, method_not_allowed, now_ms, response, text};
+use super::{App, Body, X_REQUEST_ID, header_value, method_not_allowed, now_ms, response, text};
 use crate::KIND_CLICK;
 use crate::links::redis::Miss;
 use crate::links::{Link, LinkStatus, Macros, OfferState, valid_slug};
@@ -31,6 +31,9 @@ pub const MAX_REFERER: usize = 1024;
 thread_local! {
     /// Reused encode buffer: no allocation per click once warm.
     static EVENT_BUF: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(1024));
+    /// Reused expansion buffer; the Location value itself is carved from
+    /// the per-thread header chunk (`http::header_bytes`).
+    static LOCATION_BUF: RefCell<String> = RefCell::new(String::with_capacity(1024));
 }
 
 /// What the request supplies to the click record and the destination.
@@ -117,41 +120,48 @@ enum Target<'l> {
     Fallback(Cow<'l, str>),
 }
 
-pub async fn handle(
+/// The hot path: answer from the cache without awaiting anything. `Err(())`
+/// only for a valid slug the cache lacks: then [`serve_miss`] looks it up.
+#[allow(clippy::result_unit_err)]
+pub fn serve_cached(
+    app: &App,
+    req: &Request<hyper::body::Incoming>,
+    slug: &str,
+    peer: SocketAddr,
+) -> Result<hyper::Response<Body>, ()> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return Ok(method_not_allowed(
+            app.request_id(req.headers()),
+            "GET, HEAD",
+        ));
+    }
+    if !valid_slug(slug) {
+        return Ok(text(
+            StatusCode::NOT_FOUND,
+            app.request_id(req.headers()),
+            "unknown link",
+        ));
+    }
+    let click = click_request(app, req, slug, peer);
+    let client_rid = req.headers().get(&X_REQUEST_ID);
+    app.links
+        .with_link(slug, |link| serve_link(app, Some(link), &click, client_rid))
+        .ok_or(())
+}
+
+/// A slug the cache lacks: one bounded Redis lookup, then 404 or the fallback.
+pub async fn serve_miss(
     app: &App,
     req: &Request<hyper::body::Incoming>,
     slug: &str,
     peer: SocketAddr,
 ) -> hyper::Response<Body> {
-    if req.method() != Method::GET && req.method() != Method::HEAD {
-        return method_not_allowed(app.request_id(req.headers()), "GET, HEAD");
-    }
-    if !valid_slug(slug) {
-        return text(
-            StatusCode::NOT_FOUND,
-            app.request_id(req.headers()),
-            "unknown link",
-        );
-    }
-    let click = ClickRequest {
-        slug,
-        ip: client_ip(req.headers(), peer, app.trust_forwarded_for),
-        user_agent: header_str(req, USER_AGENT, MAX_USER_AGENT),
-        referer: header_str(req, REFERER, MAX_REFERER),
-        subs: subs_from_query(req.uri().query()),
-    };
-    let client_rid = req.headers().get(&X_REQUEST_ID);
-    if let Some(r) = app
-        .links
-        .with_link(slug, |link| serve_link(app, Some(link), &click, client_rid))
-    {
-        return r;
-    }
-    // Miss: one bounded Redis lookup, then 404 or the fallback.
     let miss = match &app.redis {
         Some(redis) => redis.lookup_miss(slug).await,
         None => Miss::NotFound,
     };
+    let click = click_request(app, req, slug, peer);
+    let client_rid = req.headers().get(&X_REQUEST_ID);
     match miss {
         Miss::Found => {
             if let Some(r) = app
@@ -175,6 +185,34 @@ pub async fn handle(
     }
 }
 
+/// Both paths in one: the cache, then Redis on a miss.
+pub async fn handle(
+    app: &App,
+    req: &Request<hyper::body::Incoming>,
+    slug: &str,
+    peer: SocketAddr,
+) -> hyper::Response<Body> {
+    match serve_cached(app, req, slug, peer) {
+        Ok(r) => r,
+        Err(()) => serve_miss(app, req, slug, peer).await,
+    }
+}
+
+fn click_request<'a>(
+    app: &App,
+    req: &'a Request<hyper::body::Incoming>,
+    slug: &'a str,
+    peer: SocketAddr,
+) -> ClickRequest<'a> {
+    ClickRequest {
+        slug,
+        ip: client_ip(req.headers(), peer, app.trust_forwarded_for),
+        user_agent: header_str(req, USER_AGENT, MAX_USER_AGENT),
+        referer: header_str(req, REFERER, MAX_REFERER),
+        subs: subs_from_query(req.uri().query()),
+    }
+}
+
 /// Decide, record, answer. `link` None: unknown slug while Redis is unreachable.
 pub fn serve_link(
     app: &App,
@@ -184,10 +222,12 @@ pub fn serve_link(
 ) -> hyper::Response<Body> {
     let (target, quarantined) = match link {
         Some(l) => {
-            let (offer_state, offer_fallback) = app.links.offer(l.offer_id);
+            let offer_state = app.links.offer_state(l.offer_id);
             let closed = l.status == LinkStatus::Paused || offer_state == OfferState::Closed;
             if closed {
-                let url = offer_fallback
+                let url = app
+                    .links
+                    .offer_fallback(l.offer_id)
                     .map(|u| Cow::Owned(u.into_string()))
                     .or_else(|| l.fallback_url.as_deref().map(Cow::Borrowed))
                     .or_else(|| app.fallback_url.as_deref().map(Cow::Borrowed));
@@ -234,9 +274,11 @@ pub fn serve_link(
             );
         }
     };
+    // `as_str` checks UTF-8 each call: once here.
+    let click_id = click_id.as_str();
     let fallback = matches!(target, Target::Fallback(_));
     let event = ClickRef {
-        click_id: click_id.as_str(),
+        click_id,
         ts_ms,
         edge_id: app.edge_id,
         link_id,
@@ -263,27 +305,31 @@ pub fn serve_link(
     let (code, location) = match target {
         Target::Destination(l) => {
             let m = Macros {
-                click_id: click_id.as_str(),
+                click_id,
                 subs: event.subs,
                 link_id,
                 offer_id,
                 affiliate_id,
             };
-            (l.redirect_code, l.destination.expand(&m))
+            let location = LOCATION_BUF.with_borrow_mut(|buf| {
+                l.destination.expand_into(&m, buf);
+                header_value(buf.as_bytes())
+            });
+            (l.redirect_code, location)
         }
-        Target::Fallback(u) => (302, u.into_owned()),
+        Target::Fallback(u) => (302, header_value(u.as_bytes())),
     };
     let rid = match client_rid {
         Some(r) if usable_rid(r) => r.clone(),
-        _ => HeaderValue::from_str(click_id.as_str()).unwrap_or_else(|_| app.fresh_request_id()),
+        _ => header_value(click_id.as_bytes()).unwrap_or_else(|| app.fresh_request_id()),
     };
     let status = StatusCode::from_u16(code).unwrap_or(StatusCode::FOUND);
     let mut resp = response(status, rid, Full::new(Bytes::new()));
-    match HeaderValue::from_maybe_shared(Bytes::from(location)) {
-        Ok(v) => {
+    match location {
+        Some(v) => {
             resp.headers_mut().insert(LOCATION, v);
         }
-        Err(_) => {
+        None => {
             // Destinations are checked when loaded and macro values are percent-encoded.
             tracing::error!(slug = click.slug, "destination is not a valid header value");
         }

@@ -14,7 +14,7 @@ pub mod click;
 pub mod postback;
 pub mod tls;
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use affgate_schema::keys::KeyRing;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
@@ -92,10 +92,50 @@ pub fn text(status: StatusCode, request_id: HeaderValue, reason: &str) -> Respon
     r
 }
 
+/// A plain-text answer with a constant body (`"OK\n"`): nothing allocated for it.
+pub fn text_static(
+    status: StatusCode,
+    request_id: HeaderValue,
+    body: &'static str,
+) -> Response<Body> {
+    let mut r = response(
+        status,
+        request_id,
+        Full::new(Bytes::from_static(body.as_bytes())),
+    );
+    r.headers_mut().insert(CONTENT_TYPE, TEXT_PLAIN.clone());
+    r
+}
+
 thread_local! {
     static REQ_COUNTER: Cell<(u32, u64)> = const { Cell::new((u32::MAX, 0)) };
+    /// Where this thread's response header values are carved from.
+    static HEADER_CHUNK: RefCell<BytesMut> = RefCell::new(BytesMut::new());
 }
 static NEXT_REQ_THREAD: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// Size of the per-thread chunk header values are carved from.
+const HEADER_CHUNK_BYTES: usize = 64 * 1024;
+
+/// `bytes` as a [`Bytes`] carved from a per-thread chunk: the hot path
+/// allocates once per 64 KiB of header values (`Location`, `X-Request-Id`),
+/// not once per value. A carved piece keeps its chunk alive only as long as
+/// the response holding it.
+pub fn header_bytes(bytes: &[u8]) -> Bytes {
+    HEADER_CHUNK.with_borrow_mut(|chunk| {
+        if chunk.capacity() - chunk.len() < bytes.len() {
+            *chunk = BytesMut::with_capacity(HEADER_CHUNK_BYTES.max(bytes.len()));
+        }
+        chunk.extend_from_slice(bytes);
+        chunk.split().freeze()
+    })
+}
+
+/// A header value carved with [`header_bytes`]; None if `bytes` is not a
+/// valid header value (visible ASCII, spaces and tabs).
+pub fn header_value(bytes: &[u8]) -> Option<HeaderValue> {
+    HeaderValue::from_maybe_shared(header_bytes(bytes)).ok()
+}
 
 impl App {
     /// The request's own `X-Request-Id` when usable (1-128 visible ASCII), else a fresh one.
@@ -119,13 +159,17 @@ impl App {
             c.set((t, n + 1));
             (t, n)
         });
-        let s = format!(
-            "{:012x}-{:x}-{:x}",
-            self.boot_nonce & 0xffff_ffff_ffff,
-            thread,
-            n
-        );
-        HeaderValue::from_str(&s).unwrap_or_else(|_| HeaderValue::from_static("-"))
+        // Formatted on the stack: at most 12 + 1 + 8 + 1 + 16 hex digits.
+        let mut buf = [0u8; 40];
+        let mut len = 0;
+        push_hex(&mut buf, &mut len, self.boot_nonce & 0xffff_ffff_ffff, 12);
+        buf[len] = b'-';
+        len += 1;
+        push_hex(&mut buf, &mut len, u64::from(thread), 1);
+        buf[len] = b'-';
+        len += 1;
+        push_hex(&mut buf, &mut len, n, 1);
+        header_value(&buf[..len]).unwrap_or_else(|| HeaderValue::from_static("-"))
     }
 
     /// Route one request.
@@ -148,9 +192,19 @@ impl App {
         let resp = match route {
             Route::Click => {
                 let slug = &req.uri().path()["/c/".len()..];
-                click::handle(&self, &req, slug, peer).await
+                // The cache hit answers without awaiting; only a miss (a
+                // Redis lookup) gets a future, boxed so that this one stays
+                // small on the hot path.
+                match click::serve_cached(&self, &req, slug, peer) {
+                    Ok(resp) => resp,
+                    Err(()) => Box::pin(click::serve_miss(&self, &req, slug, peer)).await,
+                }
             }
-            Route::Postback => postback::handle(&self, req).await,
+            Route::Postback => match postback::serve_get(&self, &req) {
+                Some(resp) => resp,
+                // POST: the body is read, boxed for the same reason.
+                None => Box::pin(postback::handle(&self, req)).await,
+            },
             Route::Health => self.health(&req),
             Route::Other => {
                 let rid = self.request_id(req.headers());
@@ -182,6 +236,16 @@ impl App {
             };
             text(StatusCode::SERVICE_UNAVAILABLE, rid, why)
         }
+    }
+}
+
+/// Lowercase hex of `v`, at least `min_digits` (zero-padded), appended at `buf[*len..]`.
+fn push_hex(buf: &mut [u8; 40], len: &mut usize, v: u64, min_digits: usize) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let digits = ((64 - v.leading_zeros() as usize).div_ceil(4)).max(min_digits);
+    for i in (0..digits).rev() {
+        buf[*len] = HEX[((v >> (4 * i)) & 0xf) as usize];
+        *len += 1;
     }
 }
 

@@ -32,11 +32,12 @@ use affgate_schema::decimal::parse_micros;
 use affgate_schema::event::{PostbackRef, Status, encode_postback};
 use affgate_schema::keys::{KeyRing, token_hash};
 use bytes::Bytes;
+use http::header::HeaderValue;
 use http::{Method, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
-use super::{App, Body, method_not_allowed, now_ms, text};
+use super::{App, Body, method_not_allowed, now_ms, text, text_static};
 use crate::KIND_POSTBACK;
 
 pub const MAX_TXID: usize = 128;
@@ -172,6 +173,18 @@ pub fn parse<'a>(
     })
 }
 
+/// `GET /postback`, answered without awaiting anything. `None` for any
+/// other method: [`handle`] takes it (POST reads its body; the rest are 405).
+pub fn serve_get(app: &App, req: &hyper::Request<Incoming>) -> Option<hyper::Response<Body>> {
+    if req.method() != Method::GET {
+        return None;
+    }
+    let rid = app.request_id(req.headers());
+    let query = req.uri().query().unwrap_or("").as_bytes();
+    Some(answer(app, rid, query, b""))
+}
+
+/// `GET` or `POST /postback`.
 pub async fn handle(app: &App, req: hyper::Request<Incoming>) -> hyper::Response<Body> {
     let rid = app.request_id(req.headers());
     let is_post = match *req.method() {
@@ -205,8 +218,13 @@ pub async fn handle(app: &App, req: hyper::Request<Incoming>) -> hyper::Response
         Bytes::new()
     };
     let query = parts.uri.query().unwrap_or("").as_bytes();
+    answer(app, rid, query, &body)
+}
+
+/// Validate, check the token, append, answer.
+fn answer(app: &App, rid: HeaderValue, query: &[u8], body: &[u8]) -> hyper::Response<Body> {
     let now = now_ms();
-    let params = match parse(query, &body, &app.keys, now) {
+    let params = match parse(query, body, &app.keys, now) {
         Ok(p) => p,
         Err(reason) => return text(StatusCode::BAD_REQUEST, rid, &reason),
     };
@@ -241,7 +259,7 @@ pub async fn handle(app: &App, req: hyper::Request<Incoming>) -> hyper::Response
     match stored {
         Ok(_) => {
             app.ring_ok.store(true, Ordering::Relaxed);
-            text(StatusCode::OK, rid, "OK")
+            text_static(StatusCode::OK, rid, "OK\n")
         }
         Err(e) => {
             app.ring_ok.store(false, Ordering::Relaxed);

@@ -14,6 +14,7 @@ pub mod file;
 pub mod redis;
 pub mod template;
 
+use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use dashmap::DashMap;
@@ -112,12 +113,83 @@ pub struct Snapshot {
     pub tokens: Vec<(String, u64)>,
 }
 
+/// The cache maps' hash: FxHash's multiply-rotate over 8-byte words, from a
+/// per-process random seed. A fifth of SipHash's cost on a short slug, and
+/// the hot path hashes twice per click (link, offer). Not meant to resist
+/// chosen keys: only the control plane (Redis) or the operator (links
+/// file) inserts keys, so a visitor's slug can only probe, never fill a
+/// bucket.
+#[derive(Debug, Clone, Copy)]
+pub struct FastHash {
+    seed: u64,
+}
+
+impl Default for FastHash {
+    fn default() -> Self {
+        FastHash {
+            seed: std::collections::hash_map::RandomState::new().hash_one(0x5eed_u64),
+        }
+    }
+}
+
+impl BuildHasher for FastHash {
+    type Hasher = FastHasher;
+    fn build_hasher(&self) -> FastHasher {
+        FastHasher(self.seed)
+    }
+}
+
+/// The hasher of [`FastHash`].
+#[derive(Debug, Clone, Copy)]
+pub struct FastHasher(u64);
+
+impl FastHasher {
+    #[inline]
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+}
+
+impl Hasher for FastHasher {
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            self.add(u64::from_le_bytes(c.try_into().expect("chunks of 8")));
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut last = [0u8; 8];
+            last[..rest.len()].copy_from_slice(rest);
+            self.add(u64::from_le_bytes(last));
+        }
+    }
+    #[inline]
+    fn write_u8(&mut self, i: u8) {
+        self.add(u64::from(i));
+    }
+    #[inline]
+    fn write_u64(&mut self, i: u64) {
+        self.add(i);
+    }
+    #[inline]
+    fn write_usize(&mut self, i: usize) {
+        self.add(i as u64);
+    }
+    #[inline]
+    fn finish(&self) -> u64 {
+        // One more round so the low bits of the last word reach the top
+        // bits (hashbrown's control bytes, DashMap's shard choice).
+        (self.0 ^ (self.0 >> 29)).wrapping_mul(0xbf58_476d_1ce4_e5b9)
+    }
+}
+
 /// The in-process cache shared by all workers.
 #[derive(Debug, Default)]
 pub struct LinkCache {
-    links: DashMap<Box<str>, Link>,
-    offers: DashMap<u64, Offer>,
-    tokens: DashMap<String, u64>,
+    links: DashMap<Box<str>, Link, FastHash>,
+    offers: DashMap<u64, Offer, FastHash>,
+    tokens: DashMap<String, u64, FastHash>,
     loaded: AtomicBool,
     reloads_ok: AtomicU64,
     reloads_failed: AtomicU64,
@@ -141,18 +213,20 @@ impl LinkCache {
         self.links.get(slug).map(|l| f(&l))
     }
 
-    /// The offer's state and fallback (None when the offer is unknown: open, no fallback).
-    pub fn offer(&self, offer_id: u64) -> (OfferState, Option<Box<str>>) {
-        match self.offers.get(&offer_id) {
-            Some(o) => {
-                let state = match o.status {
-                    OfferStatus::Active => OfferState::Open,
-                    OfferStatus::Capped | OfferStatus::Paused => OfferState::Closed,
-                };
-                (state, o.fallback_url.clone())
-            }
-            None => (OfferState::Open, None),
+    /// The offer's state (an unknown offer is open). Copies nothing: the
+    /// hot path asks for the fallback only when the offer is closed.
+    pub fn offer_state(&self, offer_id: u64) -> OfferState {
+        match self.offers.get(&offer_id).map(|o| o.status) {
+            Some(OfferStatus::Capped | OfferStatus::Paused) => OfferState::Closed,
+            Some(OfferStatus::Active) | None => OfferState::Open,
         }
+    }
+
+    /// The offer's fallback URL, if it is known and has one.
+    pub fn offer_fallback(&self, offer_id: u64) -> Option<Box<str>> {
+        self.offers
+            .get(&offer_id)
+            .and_then(|o| o.fallback_url.clone())
     }
 
     /// Network id owning a token hash.
@@ -196,13 +270,21 @@ impl LinkCache {
 
     /// Replace everything with `snap`: entries missing from it are removed.
     pub fn replace(&self, snap: Snapshot) {
-        let mut slugs = std::collections::HashSet::with_capacity(snap.links.len());
-        for (slug, link) in snap.links {
-            slugs.insert(slug.clone());
-            // A full load is authoritative: replace regardless of version.
-            self.links.insert(slug, link);
+        if self.links.is_empty() {
+            // The first load (or after everything was removed): nothing to
+            // drop, so no set of the snapshot's slugs to build.
+            for (slug, link) in snap.links {
+                self.links.insert(slug, link);
+            }
+        } else {
+            let mut slugs = std::collections::HashSet::with_capacity(snap.links.len());
+            for (slug, link) in snap.links {
+                slugs.insert(slug.clone());
+                // A full load is authoritative: replace regardless of version.
+                self.links.insert(slug, link);
+            }
+            self.links.retain(|k, _| slugs.contains(k));
         }
-        self.links.retain(|k, _| slugs.contains(k));
         let offer_ids: std::collections::HashSet<u64> =
             snap.offers.iter().map(|(id, _)| *id).collect();
         for (id, o) in snap.offers {
@@ -300,6 +382,37 @@ mod tests {
         assert_eq!(c.with_link("kept", |l| l.link_id), Some(2));
         assert_eq!(c.network_for_token_hash("h1"), None);
         assert_eq!(c.network_for_token_hash("h2"), Some(2));
+    }
+
+    #[test]
+    fn a_link_stays_small() {
+        // The cache holds one per link, inline in its table (memory per
+        // link is in BENCHMARKS.md); a field that grows it should be a choice.
+        assert!(
+            std::mem::size_of::<Link>() <= 80,
+            "{}",
+            std::mem::size_of::<Link>()
+        );
+    }
+
+    #[test]
+    fn fast_hash_spreads_slugs() {
+        let h = FastHash::default();
+        let mut seen = std::collections::HashSet::new();
+        let mut top = [0u32; 16];
+        let n = 100_000u32;
+        for i in 0..n {
+            let v = h.hash_one(format!("s{i}").as_str());
+            seen.insert(v);
+            top[(v >> 60) as usize] += 1;
+        }
+        assert_eq!(seen.len(), n as usize, "no full collisions among {n} slugs");
+        for (i, c) in top.iter().enumerate() {
+            assert!(
+                *c > n / 32 && *c < n / 8,
+                "top 4 bits value {i} got {c} of {n}"
+            );
+        }
     }
 
     #[test]

@@ -319,16 +319,7 @@ async fn scan(conn: &mut MultiplexedConnection, prefix: &str) -> anyhow::Result<
     let mut cursor: u64 = 0;
     let mut keys = Vec::new();
     loop {
-        let (next, batch): (u64, Vec<String>) = timed(
-            redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(format!("{prefix}*"))
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(conn),
-        )
-        .await?;
+        let (next, batch) = scan_step(conn, prefix, cursor).await?;
         keys.extend(batch);
         if next == 0 {
             break;
@@ -339,6 +330,29 @@ async fn scan(conn: &mut MultiplexedConnection, prefix: &str) -> anyhow::Result<
     keys.dedup();
     Ok(keys)
 }
+
+/// One SCAN call: the next cursor (0: done) and a batch of keys.
+async fn scan_step(
+    conn: &mut MultiplexedConnection,
+    prefix: &str,
+    cursor: u64,
+) -> anyhow::Result<(u64, Vec<String>)> {
+    timed(
+        redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}*"))
+            .arg("COUNT")
+            .arg(SCAN_COUNT)
+            .query_async(conn),
+    )
+    .await
+}
+
+/// Keys asked per SCAN call; each batch's hashes are fetched in one
+/// pipeline and parsed before the next SCAN, so only one batch of raw
+/// hashes is ever in memory.
+const SCAN_COUNT: usize = 2000;
 
 async fn hgetall_many(
     conn: &mut MultiplexedConnection,
@@ -357,19 +371,34 @@ async fn hgetall_many(
 }
 
 /// Read every link, offer and token.
+///
+/// Links are read batch by batch (SCAN, then one pipeline of HGETALL for
+/// the batch, parsed at once), so memory peaks at the parsed links plus one
+/// batch, not at every raw hash at once: with a million links the raw
+/// hashes alone would be several hundred MB the allocator keeps.
 pub async fn load_all(conn: &mut MultiplexedConnection) -> anyhow::Result<Snapshot> {
     let mut snap = Snapshot::default();
-    let link_keys = scan(conn, LINK_PREFIX).await?;
-    for (key, fields) in link_keys.iter().zip(hgetall_many(conn, &link_keys).await?) {
-        let slug = &key[LINK_PREFIX.len()..];
-        if fields.is_empty() {
-            continue; // deleted between SCAN and HGETALL
+    let mut cursor = 0;
+    loop {
+        let (next, keys) = scan_step(conn, LINK_PREFIX, cursor).await?;
+        for (key, fields) in keys.iter().zip(hgetall_many(conn, &keys).await?) {
+            let slug = &key[LINK_PREFIX.len()..];
+            if fields.is_empty() {
+                continue; // deleted between SCAN and HGETALL
+            }
+            match parse_link(&fields) {
+                Ok(link) => snap.links.push((slug.into(), link)),
+                Err(reason) => tracing::warn!(key, reason, "skipping unusable link hash"),
+            }
         }
-        match parse_link(&fields) {
-            Ok(link) => snap.links.push((slug.into(), link)),
-            Err(reason) => tracing::warn!(key, reason, "skipping unusable link hash"),
+        if next == 0 {
+            break;
         }
+        cursor = next;
     }
+    // SCAN may return a key twice; keep one (the same hash either way).
+    snap.links.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    snap.links.dedup_by(|a, b| a.0 == b.0);
     let offer_keys = scan(conn, OFFER_PREFIX).await?;
     for (key, fields) in offer_keys
         .iter()

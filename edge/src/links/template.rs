@@ -18,22 +18,47 @@ const SUB_ENCODE: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'_')
     .remove(b'~');
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Part {
-    Lit(Box<str>),
-    ClickId,
-    Sub(usize),
-    LinkId,
-    OfferId,
-    AffiliateId,
+/// A macro, stored in [`Template::text`] as one byte below 0x20 (its tag).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Macro {
+    ClickId = 1,
+    Sub1 = 2,
+    Sub2 = 3,
+    Sub3 = 4,
+    Sub4 = 5,
+    Sub5 = 6,
+    LinkId = 7,
+    OfferId = 8,
+    AffiliateId = 9,
 }
 
-/// A parsed destination.
+impl Macro {
+    fn from_tag(b: u8) -> Option<Macro> {
+        Some(match b {
+            1 => Macro::ClickId,
+            2 => Macro::Sub1,
+            3 => Macro::Sub2,
+            4 => Macro::Sub3,
+            5 => Macro::Sub4,
+            6 => Macro::Sub5,
+            7 => Macro::LinkId,
+            8 => Macro::OfferId,
+            9 => Macro::AffiliateId,
+            _ => return None,
+        })
+    }
+}
+
+/// A parsed destination: one allocation per link, the literal text with
+/// each macro replaced by its one-byte tag (1-9).
+///
+/// Invariant: the text is ASCII and its only bytes below 0x20 are macro
+/// tags. [`Template::parse`] guarantees it by percent-encoding non-ASCII
+/// bytes and control characters in literals (a `Location` header could not
+/// carry them anyway), so expansion is a scan for bytes below 0x20.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Template {
-    parts: Vec<Part>,
-    /// Length of the literal parts, to size the output once.
-    literal_len: usize,
+    text: Box<str>,
 }
 
 /// The values a click supplies to its destination.
@@ -48,50 +73,30 @@ pub struct Macros<'a> {
 
 impl Template {
     pub fn parse(s: &str) -> Template {
-        let mut parts = Vec::new();
-        let mut lit = String::new();
+        let mut text = String::with_capacity(s.len());
         let mut rest = s;
         while let Some(open) = rest.find('{') {
             let (before, from_brace) = rest.split_at(open);
-            lit.push_str(before);
+            push_literal(&mut text, before);
             let macro_part = from_brace.find('}').and_then(|close| {
                 let name = &from_brace[1..close];
-                macro_named(name).map(|p| (p, close))
+                macro_named(name).map(|m| (m, close))
             });
             match macro_part {
-                Some((part, close)) => {
-                    if !lit.is_empty() {
-                        parts.push(Part::Lit(std::mem::take(&mut lit).into()));
-                    }
-                    parts.push(part);
+                Some((m, close)) => {
+                    text.push(char::from(m as u8));
                     rest = &from_brace[close + 1..];
                 }
                 None => {
-                    lit.push('{');
+                    text.push('{');
                     rest = &from_brace[1..];
                 }
             }
         }
-        lit.push_str(rest);
-        if !lit.is_empty() {
-            parts.push(Part::Lit(lit.into()));
+        push_literal(&mut text, rest);
+        Template {
+            text: text.into_boxed_str(),
         }
-        // A Location header carries ASCII: encode anything else in literals once, here.
-        for p in &mut parts {
-            if let Part::Lit(l) = p
-                && !l.is_ascii()
-            {
-                *l = encode_non_ascii(l).into();
-            }
-        }
-        let literal_len = parts
-            .iter()
-            .map(|p| match p {
-                Part::Lit(l) => l.len(),
-                _ => 0,
-            })
-            .sum();
-        Template { parts, literal_len }
     }
 
     /// Names of `{...}` macros in `s` that this edge does not know, for validation by loaders.
@@ -117,24 +122,30 @@ impl Template {
     /// Expand into `out` (cleared first).
     pub fn expand_into(&self, m: &Macros<'_>, out: &mut String) {
         out.clear();
-        out.reserve(self.literal_len + 64);
-        for part in &self.parts {
+        out.reserve(self.text.len() + 64);
+        let mut rest = &*self.text;
+        while let Some(at) = rest.bytes().position(|b| b < 0x20) {
+            out.push_str(&rest[..at]);
             // Writing into a String cannot fail.
-            let _ = match part {
-                Part::Lit(l) => {
-                    out.push_str(l);
-                    Ok(())
-                }
-                Part::ClickId => {
+            let _ = match Macro::from_tag(rest.as_bytes()[at]) {
+                Some(Macro::ClickId) => {
                     out.push_str(m.click_id);
                     Ok(())
                 }
-                Part::Sub(i) => write!(out, "{}", utf8_percent_encode(m.subs[*i], SUB_ENCODE)),
-                Part::LinkId => write!(out, "{}", m.link_id),
-                Part::OfferId => write!(out, "{}", m.offer_id),
-                Part::AffiliateId => write!(out, "{}", m.affiliate_id),
+                Some(Macro::Sub1) => write_sub(out, m.subs[0]),
+                Some(Macro::Sub2) => write_sub(out, m.subs[1]),
+                Some(Macro::Sub3) => write_sub(out, m.subs[2]),
+                Some(Macro::Sub4) => write_sub(out, m.subs[3]),
+                Some(Macro::Sub5) => write_sub(out, m.subs[4]),
+                Some(Macro::LinkId) => write!(out, "{}", m.link_id),
+                Some(Macro::OfferId) => write!(out, "{}", m.offer_id),
+                Some(Macro::AffiliateId) => write!(out, "{}", m.affiliate_id),
+                // `parse` writes no other byte below 0x20.
+                None => Ok(()),
             };
+            rest = &rest[at + 1..];
         }
+        out.push_str(rest);
     }
 
     pub fn expand(&self, m: &Macros<'_>) -> String {
@@ -142,12 +153,30 @@ impl Template {
         self.expand_into(m, &mut s);
         s
     }
+
+    /// Heap bytes this template holds (for memory accounting).
+    pub fn heap_bytes(&self) -> usize {
+        self.text.len()
+    }
+}
+
+fn write_sub(out: &mut String, sub: &str) -> std::fmt::Result {
+    write!(out, "{}", utf8_percent_encode(sub, SUB_ENCODE))
+}
+
+/// A literal, with non-ASCII bytes and controls percent-encoded (see [`Template`]).
+fn push_literal(out: &mut String, lit: &str) {
+    if lit.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        out.push_str(lit);
+    } else {
+        out.push_str(&encode_non_ascii(lit));
+    }
 }
 
 fn encode_non_ascii(s: &str) -> String {
     let mut out = String::with_capacity(s.len() * 3);
     for b in s.bytes() {
-        if b.is_ascii() {
+        if (0x20..0x7f).contains(&b) {
             out.push(b as char);
         } else {
             let _ = write!(out, "%{b:02X}");
@@ -156,17 +185,17 @@ fn encode_non_ascii(s: &str) -> String {
     out
 }
 
-fn macro_named(name: &str) -> Option<Part> {
+fn macro_named(name: &str) -> Option<Macro> {
     Some(match name {
-        "click_id" => Part::ClickId,
-        "sub1" => Part::Sub(0),
-        "sub2" => Part::Sub(1),
-        "sub3" => Part::Sub(2),
-        "sub4" => Part::Sub(3),
-        "sub5" => Part::Sub(4),
-        "link_id" => Part::LinkId,
-        "offer_id" => Part::OfferId,
-        "affiliate_id" => Part::AffiliateId,
+        "click_id" => Macro::ClickId,
+        "sub1" => Macro::Sub1,
+        "sub2" => Macro::Sub2,
+        "sub3" => Macro::Sub3,
+        "sub4" => Macro::Sub4,
+        "sub5" => Macro::Sub5,
+        "link_id" => Macro::LinkId,
+        "offer_id" => Macro::OfferId,
+        "affiliate_id" => Macro::AffiliateId,
         _ => return None,
     })
 }
@@ -224,6 +253,15 @@ mod tests {
         assert_eq!(
             t.expand(&m(["", "", "", "", ""])),
             "https://m.example/caf%C3%A9?c=CID"
+        );
+    }
+
+    #[test]
+    fn control_characters_in_literals_cannot_pose_as_macros() {
+        let t = Template::parse("https://m.example/\u{1}x\ty?c={click_id}");
+        assert_eq!(
+            t.expand(&m(["", "", "", "", ""])),
+            "https://m.example/%01x%09y?c=CID"
         );
     }
 
