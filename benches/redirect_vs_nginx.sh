@@ -25,7 +25,10 @@
 #     requests/s, p50/p99/p99.9 latency (wrk's histogram, from a Lua done()),
 #     and the server's CPU time (utime + stime of all its processes from
 #     /proc, before and after) over the requests wrk counted;
-#  5. prints per server the median over rounds and the ratios edge/nginx;
+#  5. prints per server the median over rounds and the ratios edge/nginx,
+#     and what the edge's rounds also cost on the same cores: the
+#     collector's CPU and the stores' (clickhouse-server and postgres
+#     processes, found by name and only read) per request;
 #  6. checks, not assumes, zero loss: every request the edge answered was a
 #     302 (200 for postbacks) by its own metrics, every event it minted (its
 #     ring sequence) is in ClickHouse (clicks, FINAL) or PostgreSQL
@@ -283,18 +286,32 @@ LUA
   [ "$(curl -sS "http://$edge_http/postback?click_id=$first&txid=probe&token=$token")" = OK ] || { echo "edge /postback refused a valid postback" >&2; exit 1; }
 fi
 
+# CPU ticks of what else the edge's rounds make work: the collector, and the
+# stores (clickhouse-server and every postgres process). Read-only lookups
+# by name; nothing is signalled.
+others_ticks() {
+  local c s=0 p
+  c=$(cpu_ticks "$collector_pid")
+  for p in $(pgrep -x clickhouse-serv; pgrep -x clickhouse-server; pgrep -x postgres); do
+    s=$((s + $(cpu_ticks "$p")))
+  done
+  echo "$c $s"
+}
+
 # run_wrk SERVER ROUND SECONDS: one wrk run; appends a result line unless ROUND is "warm".
 run_wrk() {
-  local server=$1 round=$2 s=$3 url pid before after line
+  local server=$1 round=$2 s=$3 url pid before after line ob oa
   case "$server" in
     nginx) url="http://127.0.0.1:$nginx_port"; pid=$nginx_pid ;;
     edge) url="http://$edge_http"; pid=$edge_pid ;;
   esac
+  read -ra ob <<<"$(others_ticks)"
   before=$(cpu_ticks "$pid")
   line=$(wrk -t"$threads" -c"$conns" -d"${s}s" -s "$work/load.lua" "$url" -- "r$round$server" | grep '^RESULT')
   after=$(cpu_ticks "$pid")
+  read -ra oa <<<"$(others_ticks)"
   [ "$round" = warm ] && return 0
-  echo "$server $round $line cpu_ticks=$((after - before)) load=$(cut -d' ' -f1 /proc/loadavg)" >>"$work/rounds.txt"
+  echo "$server $round $line cpu_ticks=$((after - before)) collector_ticks=$((oa[0] - ob[0])) stores_ticks=$((oa[1] - ob[1])) load=$(cut -d' ' -f1 /proc/loadavg)" >>"$work/rounds.txt"
   printf '  round %s %-5s %s cpu_ticks=%s\n' "$round" "$server" "${line#RESULT }" "$((after - before))"
 }
 
@@ -322,6 +339,8 @@ for line in open(path):
         "rps": req / (int(kv["duration_us"]) / 1e6),
         "p50": int(kv["p50"]) / 1e3, "p99": int(kv["p99"]) / 1e3, "p999": int(kv["p999"]) / 1e3,
         "cpu_us": int(kv["cpu_ticks"]) / hz * 1e6 / max(req, 1),
+        "coll_us": int(kv["collector_ticks"]) / hz * 1e6 / max(req, 1),
+        "stores_us": int(kv["stores_ticks"]) / hz * 1e6 / max(req, 1),
         "errors": int(kv["sock_errors"]) + int(kv["status_errors"]),
         "load": float(kv["load"]),
     })
@@ -335,6 +354,9 @@ for s in ("nginx", "edge"):
     print(f"| {s} | {m['rps']:,.0f} | {m['p50']:.2f} | {m['p99']:.2f} | {m['p999']:.2f} | {m['cpu_us']:.2f} | {errs} |")
 e, n = med["edge"], med["nginx"]
 print(f"| edge/nginx | {e['rps']/n['rps']:.2f}x | {e['p50']/n['p50']:.2f}x | {e['p99']/n['p99']:.2f}x | {e['p999']/n['p999']:.2f}x | {e['cpu_us']/n['cpu_us']:.2f}x | |")
+ce = statistics.median(r["coll_us"] for r in rows["edge"])
+se = statistics.median(r["stores_us"] for r in rows["edge"])
+print(f"during the edge's rounds, also on these cores: collector {ce:.2f} µs/request, stores (ClickHouse, PostgreSQL) {se:.2f} µs/request")
 loads = [r["load"] for rs in rows.values() for r in rs]
 print(f"load average (1 min) at the end of rounds: {min(loads):.2f} to {max(loads):.2f}")
 PY

@@ -219,14 +219,13 @@ impl RedisLinks {
         .context("connect")?;
         let started = std::time::Instant::now();
         let snap = load_all(&mut conn).await.context("full load")?;
-        let n = snap.links.len();
         // The miss connection goes live before the cache says "loaded", so a
         // miss right after /readyz turns 200 is looked up, not sent to the fallback.
         self.set_conn(Some(conn.clone()));
         self.up.store(true, Ordering::Relaxed);
         self.cache.replace(snap);
         tracing::info!(
-            links = n,
+            links = self.cache.counts().links,
             ms = started.elapsed().as_millis() as u64,
             "links loaded from redis"
         );
@@ -370,23 +369,50 @@ async fn hgetall_many(
     Ok(out)
 }
 
+/// One batch of a bulk load: SCAN from `cursor`, then the link fields of
+/// every key it returned, by HMGET in one pipeline.
+async fn fetch_links(
+    mut conn: MultiplexedConnection,
+    cursor: u64,
+) -> anyhow::Result<(u64, Vec<String>, Vec<Vec<Option<String>>>)> {
+    let (next, keys) = scan_step(&mut conn, LINK_PREFIX, cursor).await?;
+    let mut values = Vec::with_capacity(keys.len());
+    for chunk in keys.chunks(1000) {
+        let mut pipe = redis::pipe();
+        for k in chunk {
+            pipe.cmd("HMGET").arg(k).arg(&LINK_FIELDS[..]);
+        }
+        let part: Vec<Vec<Option<String>>> = timed(pipe.query_async(&mut conn)).await?;
+        values.extend(part);
+    }
+    Ok((next, keys, values))
+}
+
 /// Read every link, offer and token.
 ///
-/// Links are read batch by batch (SCAN, then one pipeline of HGETALL for
+/// Links are read batch by batch (SCAN, then one pipeline of HMGET for
 /// the batch, parsed at once), so memory peaks at the parsed links plus one
 /// batch, not at every raw hash at once: with a million links the raw
 /// hashes alone would be several hundred MB the allocator keeps.
 pub async fn load_all(conn: &mut MultiplexedConnection) -> anyhow::Result<Snapshot> {
     let mut snap = Snapshot::default();
-    let mut cursor = 0;
+    // The next batch is fetched (on another task, over the same
+    // multiplexed connection) while this one is parsed.
+    let mut pending = tokio::spawn(fetch_links(conn.clone(), 0));
     loop {
-        let (next, keys) = scan_step(conn, LINK_PREFIX, cursor).await?;
-        for (key, fields) in keys.iter().zip(hgetall_many(conn, &keys).await?) {
+        let (next, keys, values) = match (&mut pending).await {
+            Ok(r) => r?,
+            Err(e) => bail!("link batch task failed: {e}"),
+        };
+        if next != 0 {
+            pending = tokio::spawn(fetch_links(conn.clone(), next));
+        }
+        for (key, values) in keys.iter().zip(values) {
             let slug = &key[LINK_PREFIX.len()..];
-            if fields.is_empty() {
-                continue; // deleted between SCAN and HGETALL
+            if values.iter().all(Option::is_none) {
+                continue; // deleted between SCAN and HMGET
             }
-            match parse_link(&fields) {
+            match parse_link(&LinkFields(values)) {
                 Ok(link) => snap.links.push((slug.into(), link)),
                 Err(reason) => tracing::warn!(key, reason, "skipping unusable link hash"),
             }
@@ -394,11 +420,8 @@ pub async fn load_all(conn: &mut MultiplexedConnection) -> anyhow::Result<Snapsh
         if next == 0 {
             break;
         }
-        cursor = next;
     }
-    // SCAN may return a key twice; keep one (the same hash either way).
-    snap.links.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-    snap.links.dedup_by(|a, b| a.0 == b.0);
+    // SCAN may return a key twice: the cache keeps one (the same hash).
     let offer_keys = scan(conn, OFFER_PREFIX).await?;
     for (key, fields) in offer_keys
         .iter()
@@ -430,12 +453,47 @@ pub async fn load_all(conn: &mut MultiplexedConnection) -> anyhow::Result<Snapsh
     Ok(snap)
 }
 
-fn field_u64(
-    fields: &HashMap<String, String>,
+/// Read access to a hash's fields, by name: an HGETALL map, or the fixed
+/// field list of a bulk load's HMGET.
+pub trait Fields {
+    fn field(&self, name: &str) -> Option<&str>;
+}
+
+impl Fields for HashMap<String, String> {
+    fn field(&self, name: &str) -> Option<&str> {
+        self.get(name).map(String::as_str)
+    }
+}
+
+/// The fields a link hash may have, in the order a bulk load asks for them.
+const LINK_FIELDS: [&str; 9] = [
+    "link_id",
+    "destination",
+    "status",
+    "redirect_code",
+    "offer_id",
+    "affiliate_id",
+    "network_id",
+    "fallback_url",
+    "version",
+];
+
+/// An HMGET of [`LINK_FIELDS`]: no map to build per link.
+struct LinkFields(Vec<Option<String>>);
+
+impl Fields for LinkFields {
+    fn field(&self, name: &str) -> Option<&str> {
+        let i = LINK_FIELDS.iter().position(|f| *f == name)?;
+        self.0.get(i).and_then(|v| v.as_deref())
+    }
+}
+
+fn field_u64<F: Fields + ?Sized>(
+    fields: &F,
     name: &str,
     default: Option<u64>,
 ) -> Result<u64, String> {
-    match fields.get(name).map(String::as_str) {
+    match fields.field(name) {
         None | Some("") => default.ok_or_else(|| format!("{name} missing")),
         Some(v) => v
             .parse()
@@ -443,8 +501,8 @@ fn field_u64(
     }
 }
 
-fn field_url(fields: &HashMap<String, String>, name: &str) -> Result<Option<Box<str>>, String> {
-    match fields.get(name).map(String::as_str) {
+fn field_url<F: Fields + ?Sized>(fields: &F, name: &str) -> Result<Option<Box<str>>, String> {
+    match fields.field(name) {
         None | Some("") => Ok(None),
         Some(u) if valid_url(u) => Ok(Some(u.into())),
         Some(u) => Err(format!("{name} `{u}` is not an absolute http(s) URL")),
@@ -452,18 +510,18 @@ fn field_url(fields: &HashMap<String, String>, name: &str) -> Result<Option<Box<
 }
 
 /// A link hash as the control plane writes it.
-pub fn parse_link(fields: &HashMap<String, String>) -> Result<Link, String> {
+pub fn parse_link<F: Fields + ?Sized>(fields: &F) -> Result<Link, String> {
     let link_id = field_u64(fields, "link_id", None)?;
     if link_id > MAX_LINK_ID {
         return Err(format!("link_id {link_id} is above {MAX_LINK_ID}"));
     }
-    let destination = fields.get("destination").map(String::as_str).unwrap_or("");
+    let destination = fields.field("destination").unwrap_or("");
     if !valid_url(destination) {
         return Err(format!(
             "destination `{destination}` is not an absolute http(s) URL"
         ));
     }
-    let status_s = fields.get("status").map(String::as_str).unwrap_or("");
+    let status_s = fields.field("status").unwrap_or("");
     let status =
         LinkStatus::parse(status_s).ok_or_else(|| format!("status `{status_s}` unknown"))?;
     let redirect_code = field_u64(fields, "redirect_code", Some(302))?;
@@ -485,8 +543,8 @@ pub fn parse_link(fields: &HashMap<String, String>) -> Result<Link, String> {
 }
 
 /// An offer hash as the control plane writes it.
-pub fn parse_offer(fields: &HashMap<String, String>) -> Result<Offer, String> {
-    let status_s = fields.get("status").map(String::as_str).unwrap_or("");
+pub fn parse_offer<F: Fields + ?Sized>(fields: &F) -> Result<Offer, String> {
+    let status_s = fields.field("status").unwrap_or("");
     let status =
         OfferStatus::parse(status_s).ok_or_else(|| format!("status `{status_s}` unknown"))?;
     Ok(Offer {
