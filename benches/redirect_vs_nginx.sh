@@ -4,14 +4,15 @@
 # `return 200 "OK\n"`), in alternating rounds, with CPU time per request.
 #
 #   benches/redirect_vs_nginx.sh [--route click|postback] [--rounds N] [--secs S]
-#                                [--conns C] [--threads T] [--no-build]
+#                                [--conns C] [--threads T] [--no-build] [--edge PATH]
 #   defaults: click, 5 rounds of 10 s, 64 connections, 1 wrk thread
 #
 # What it does, all on 127.0.0.1:
 #  1. installs nginx and wrk from Debian when missing, starts the stack
 #     (deploy/services.sh), builds the release edge and collector (skipped
 #     with --no-build; binaries from $CARGO_TARGET_DIR/release, default
-#     target/release);
+#     target/release; --edge PATH runs another edge binary, e.g. an older
+#     commit's, against the same collector);
 #  2. the same 10,000 slugs as an nginx config and an edge links file;
 #     nginx runs by hand (own prefix, config, pid and logs in a temp dir,
 #     worker_processes = cores, access_log off); the edge delivers its UDP
@@ -45,6 +46,7 @@ secs=10
 conns=64
 threads=1
 build=1
+edge_override=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --route) route=$2; shift 2 ;;
@@ -53,6 +55,7 @@ while [ $# -gt 0 ]; do
     --conns) conns=$2; shift 2 ;;
     --threads) threads=$2; shift 2 ;;
     --no-build) build=0; shift ;;
+    --edge) edge_override=$2; shift 2 ;;
     -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -74,7 +77,7 @@ if [ "$build" = 1 ]; then
   cargo build --release --locked -q -p affgate-edge -p affgate-collector
 fi
 bin="${CARGO_TARGET_DIR:-$root/target}/release"
-edge="$bin/affgate-edge"
+edge="${edge_override:-$bin/affgate-edge}"
 collector="$bin/affgate-collector"
 [ -x "$edge" ] && [ -x "$collector" ] || { echo "no release binaries in $bin" >&2; exit 1; }
 
