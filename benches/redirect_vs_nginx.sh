@@ -5,6 +5,7 @@
 #
 #   benches/redirect_vs_nginx.sh [--route click|postback] [--rounds N] [--secs S]
 #                                [--conns C] [--threads T] [--no-build] [--edge PATH]
+#                                [--no-delivery]
 #   defaults: click, 5 rounds of 10 s, 64 connections, 1 wrk thread
 #
 # What it does, all on 127.0.0.1:
@@ -30,6 +31,10 @@
 #     and what the edge's rounds also cost on the same cores: the
 #     collector's CPU and the stores' (clickhouse-server and postgres
 #     processes, found by name and only read) per request;
+#     --no-delivery is a diagnostic: no collector, the edge keeps every
+#     event in its ring (size AFFGATE_BENCH_RING_MB, default 1024 MiB), so
+#     the edge is compared with nginx without delivery and stores sharing
+#     the cores; the check is then that the ring holds every event;
 #  6. checks, not assumes, zero loss: every request the edge answered was a
 #     302 (200 for postbacks) by its own metrics, every event it minted (its
 #     ring sequence) is in ClickHouse (clicks, FINAL) or PostgreSQL
@@ -47,6 +52,7 @@ conns=64
 threads=1
 build=1
 edge_override=""
+delivery=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --route) route=$2; shift 2 ;;
@@ -56,6 +62,7 @@ while [ $# -gt 0 ]; do
     --threads) threads=$2; shift 2 ;;
     --no-build) build=0; shift ;;
     --edge) edge_override=$2; shift 2 ;;
+    --no-delivery) delivery=0; shift ;;
     -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -191,6 +198,8 @@ url = "$pg_url"
 [metrics]
 listen = "127.0.0.1:0"
 TOML
+collectors_toml=""
+[ "$delivery" = 1 ] && collectors_toml="\"127.0.0.1:$udp_port\""
 cat >"$work/edge.toml" <<TOML
 edge_id = 1
 secret = "$secret"
@@ -204,15 +213,18 @@ path = "$ring"
 size_mb = ${AFFGATE_BENCH_RING_MB:-1024}
 spill_dir = "$work/spill"
 [delivery]
-collectors = ["127.0.0.1:$udp_port"]
+collectors = [$collectors_toml]
 [metrics]
 listen = "127.0.0.1:0"
 TOML
 rm -f "$ring"
-"$collector" --config "$work/collector.toml" migrate >/dev/null
-"$collector" --config "$work/collector.toml" >"$work/collector.out" 2>"$work/collector.log" &
-collector_pid=$!
-pids+=("$collector_pid")
+collector_pid=""
+if [ "$delivery" = 1 ]; then
+  "$collector" --config "$work/collector.toml" migrate >/dev/null
+  "$collector" --config "$work/collector.toml" >"$work/collector.out" 2>"$work/collector.log" &
+  collector_pid=$!
+  pids+=("$collector_pid")
+fi
 "$edge" --config "$work/edge.toml" >"$work/edge.out" 2>"$work/edge.log" &
 edge_pid=$!
 pids+=("$edge_pid")
@@ -294,8 +306,10 @@ fi
 # by name; nothing is signalled.
 others_ticks() {
   local c s=0 p
-  c=$(cpu_ticks "$collector_pid")
-  for p in $(pgrep -x clickhouse-serv; pgrep -x clickhouse-server; pgrep -x postgres); do
+  c=0
+  [ -n "$collector_pid" ] && c=$(cpu_ticks "$collector_pid")
+  # (ps truncates names to 15 characters: clickhouse-server is clickhouse-serv)
+  for p in $(pgrep -x clickhouse-serv; pgrep -x postgres); do
     s=$((s + $(cpu_ticks "$p")))
   done
   echo "$c $s"
@@ -382,6 +396,12 @@ echo
 echo "edge answered: $clicks_3xx clicks (302), $click_all other click answers; $pb_2xx postbacks (200), $pb_other other postback answers; ring append errors $append_errors"
 [ "$click_all" = 0 ] && [ "$pb_other" = 0 ] && [ "$append_errors" = 0 ] || { echo "FAIL: not every request was a 302/200 stored in the ring" >&2; exit 1; }
 [ "$minted" = $((clicks_3xx + pb_2xx)) ] || { echo "FAIL: ring sequence says $minted events, metrics say $((clicks_3xx + pb_2xx))" >&2; exit 1; }
+if [ "$delivery" = 0 ]; then
+  held=$("$edge" --config "$work/edge.toml" ring inspect | awk '$1 == "unacked_records:" || $1 == "spilled_records:" { s += $2 } END { print s + 0 }')
+  [ "$held" = "$minted" ] || { echo "FAIL: the ring holds $held events, the edge minted $minted" >&2; exit 1; }
+  echo "no delivery: the ring holds all $held events (zero loss)"
+  exit 0
+fi
 echo "== waiting (up to 300 s) for the $minted events in the stores"
 deadline=$(($(date +%s) + 300))
 while :; do
