@@ -432,14 +432,17 @@ impl Outbox {
                 });
             }
         };
-        self.timers.insert((now, rec.seq));
+        // Due at once: straight into `due` (as `poll_datagram` would move
+        // it from `timers` at `now`), two ordered-set operations fewer.
+        self.due.insert(rec.seq);
+        self.due_since = Some(self.due_since.map_or(now, |d| d.min(now)));
         self.slots.insert(
             rec.seq,
             Slot {
                 rec,
                 event_words,
                 attempts: 0,
-                deadline: Some(now),
+                deadline: None,
                 sent: None,
             },
         );
