@@ -35,10 +35,7 @@ use redis::aio::MultiplexedConnection;
 use sqlx::{PgPool, Row};
 use tokio::sync::watch;
 
-pub const CHANNEL: &str = "affgate:changes";
-pub const LINK_PREFIX: &str = "affgate:link:";
-pub const OFFER_PREFIX: &str = "affgate:offer:";
-pub const TOKEN_PREFIX: &str = "affgate:token:";
+pub use affgate_schema::link::{CHANNEL, LINK_PREFIX, OFFER_PREFIX, TOKEN_PREFIX};
 pub const SYNCED_KEY: &str = "affgate:control:synced";
 
 /// Longest wait for one Redis command on the API's path; beyond it the

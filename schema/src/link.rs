@@ -1,6 +1,16 @@
 //! What a link must look like, shared by the control plane (which accepts
 //! links through its API) and edges (which load them): slugs, destination
-//! URLs and the macros a destination may use.
+//! URLs and the macros a destination may use; and the Redis key names of
+//! DESIGN.md's layout, written by the collector and read by edges.
+
+/// The pub/sub channel announcing changes: `link:{slug}`, `offer:{id}`, `token:{hash}`.
+pub const CHANNEL: &str = "affgate:changes";
+/// `affgate:link:{slug}`: hash of a link.
+pub const LINK_PREFIX: &str = "affgate:link:";
+/// `affgate:offer:{id}`: hash of an offer's status and fallback.
+pub const OFFER_PREFIX: &str = "affgate:offer:";
+/// `affgate:token:{hex keyed blake3 of the token}`: a network id.
+pub const TOKEN_PREFIX: &str = "affgate:token:";
 
 /// The macros an edge expands in a destination.
 pub const MACROS: [&str; 9] = [

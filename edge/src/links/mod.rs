@@ -86,23 +86,10 @@ pub fn valid_redirect_code(code: u16) -> bool {
     matches!(code, 301 | 302 | 307 | 308)
 }
 
-/// Slugs are URL-safe: `A-Z a-z 0-9 - _ .`, 1 to 128 characters.
-pub fn valid_slug(slug: &str) -> bool {
-    !slug.is_empty()
-        && slug.len() <= 128
-        && slug
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-}
-
-/// A destination or fallback must be an absolute http(s) URL without spaces or controls.
-pub fn valid_url(s: &str) -> bool {
-    let rest = s
-        .strip_prefix("https://")
-        .or_else(|| s.strip_prefix("http://"));
-    matches!(rest, Some(r) if !r.is_empty() && !r.starts_with('/'))
-        && !s.bytes().any(|b| b.is_ascii_control() || b == b' ')
-}
+/// Slugs and destination URLs follow the rules the control plane checks
+/// them by (`affgate_schema::link`), so what the admin API accepts, the
+/// edge loads.
+pub use affgate_schema::link::{valid_slug, valid_url};
 
 /// Everything a source loads at once.
 #[derive(Debug, Default)]

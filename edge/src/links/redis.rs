@@ -32,10 +32,7 @@ use super::{
     valid_url,
 };
 
-pub const CHANNEL: &str = "affgate:changes";
-pub const LINK_PREFIX: &str = "affgate:link:";
-pub const OFFER_PREFIX: &str = "affgate:offer:";
-pub const TOKEN_PREFIX: &str = "affgate:token:";
+pub use affgate_schema::link::{CHANNEL, LINK_PREFIX, OFFER_PREFIX, TOKEN_PREFIX};
 
 /// Longest wait for any command of the background task before the
 /// connection is taken for dead and rebuilt.
