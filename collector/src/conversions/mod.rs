@@ -181,7 +181,9 @@ impl Processor {
             }
             Err(e) if e.is::<Raced>() => {
                 drop(tx);
-                tracing::debug!("conversion created by another collector meanwhile; retrying the row");
+                tracing::debug!(
+                    "conversion created by another collector meanwhile; retrying the row"
+                );
                 return Ok(true);
             }
             Err(e) => return Err(e),
