@@ -6,7 +6,7 @@
 #   AFFGATE_LOAD_PACED=1 benches/load_delivery.sh 60
 #       paced instead of flat out: every connection waits 1 ms between
 #       requests (wrk's delay()), so AFFGATE_LOAD_CONNS sets the rate
-#       (about 26 connections give 20,000 clicks/s here); for the lag target.
+#       (about 72 connections give 20,000 clicks/s here); for the lag target.
 #   AFFGATE_LOAD_WINDOW_MS=50: the collector's [ingest] window_ms (default: its own).
 #
 # What it does, all on 127.0.0.1:
