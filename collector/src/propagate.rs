@@ -111,53 +111,52 @@ impl Propagator {
     /// Publish one link (after its row committed). Never fails: a Redis
     /// problem leaves the state dirty for the background task.
     pub async fn link(&self, id: i64) {
-        let r = async {
-            let row = sqlx::query(&format!("{LINK_SELECT} WHERE l.id = $1"))
-                .bind(id)
-                .fetch_optional(&self.pool)
-                .await?;
-            match row {
-                Some(row) => self.apply(vec![link_put(&row)?], COMMAND_TIMEOUT).await,
-                None => Ok(()),
-            }
-        }
+        self.publish_one(
+            "link",
+            &format!("{LINK_SELECT} WHERE l.id = $1"),
+            id,
+            link_put,
+        )
         .await;
-        self.outcome("link", r);
     }
 
     /// Publish one offer's status (after its row committed).
     pub async fn offer(&self, id: i64) {
-        let r = async {
-            let row = sqlx::query(&format!("{OFFER_SELECT} WHERE id = $1"))
-                .bind(id)
-                .fetch_optional(&self.pool)
-                .await?;
-            match row {
-                Some(row) => self.apply(vec![offer_put(&row)?], COMMAND_TIMEOUT).await,
-                None => Ok(()),
-            }
-        }
+        self.publish_one(
+            "offer",
+            &format!("{OFFER_SELECT} WHERE id = $1"),
+            id,
+            offer_put,
+        )
         .await;
-        self.outcome("offer", r);
     }
 
     /// Publish one network's token (after its row committed).
     pub async fn network(&self, id: i64) {
+        self.publish_one("network", NETWORK_SELECT_ONE, id, |r| {
+            token_put(&self.keys, r)
+        })
+        .await;
+    }
+
+    /// Read the row `sql` selects for `id` and write it; a missing row
+    /// publishes nothing.
+    async fn publish_one(
+        &self,
+        what: &str,
+        sql: &str,
+        id: i64,
+        put: impl Fn(&sqlx::postgres::PgRow) -> anyhow::Result<Put>,
+    ) {
         let r = async {
-            let row = sqlx::query("SELECT id, postback_token FROM networks WHERE id = $1")
-                .bind(id)
-                .fetch_optional(&self.pool)
-                .await?;
+            let row = sqlx::query(sql).bind(id).fetch_optional(&self.pool).await?;
             match row {
-                Some(row) => {
-                    let put = token_put(&self.keys, &row)?;
-                    self.apply(vec![put], COMMAND_TIMEOUT).await
-                }
+                Some(row) => self.apply(vec![put(&row)?], COMMAND_TIMEOUT).await,
                 None => Ok(()),
             }
         }
         .await;
-        self.outcome("network", r);
+        self.outcome(what, r);
     }
 
     fn outcome(&self, what: &str, r: anyhow::Result<()>) {
@@ -196,8 +195,8 @@ impl Propagator {
         }
     }
 
-    /// Run `puts` in one pipeline (EVAL; scripts are short). Returns how
-    /// many were written.
+    /// Run `puts` in one pipeline (EVAL; the scripts are short), counting
+    /// the keys written.
     async fn apply(&self, puts: Vec<Put>, timeout: Duration) -> anyhow::Result<()> {
         if puts.is_empty() {
             return Ok(());
@@ -234,7 +233,7 @@ impl Propagator {
     /// announced), then the `synced` marker.
     pub async fn publish_all(&self) -> anyhow::Result<()> {
         let started = std::time::Instant::now();
-        let networks = sqlx::query("SELECT id, postback_token FROM networks ORDER BY id")
+        let networks = sqlx::query(NETWORK_SELECT_ALL)
             .fetch_all(&self.pool)
             .await
             .context("read networks")?;
@@ -371,6 +370,9 @@ impl Propagator {
         }
     }
 }
+
+const NETWORK_SELECT_ONE: &str = "SELECT id, postback_token FROM networks WHERE id = $1";
+const NETWORK_SELECT_ALL: &str = "SELECT id, postback_token FROM networks ORDER BY id";
 
 /// Links with what the edge needs from their offer.
 const LINK_SELECT: &str = "SELECT l.id, l.slug, l.destination, l.status, l.redirect_code,

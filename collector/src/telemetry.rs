@@ -24,46 +24,86 @@ pub struct Telemetry {
     pub propagator: Option<Arc<Propagator>>,
 }
 
+/// One metric family: `# HELP`, `# TYPE` and its series (`labels` as
+/// written inside `{}`, empty for none).
+fn family(out: &mut String, kind: &str, name: &str, help: &str, series: &[(&str, u64)]) {
+    use std::fmt::Write as _;
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    for (labels, v) in series {
+        if labels.is_empty() {
+            let _ = writeln!(out, "{name} {v}");
+        } else {
+            let _ = writeln!(out, "{name}{{{labels}}} {v}");
+        }
+    }
+}
+
 /// Prometheus text of every counter.
 pub fn render_all(t: &Telemetry) -> String {
-    use std::fmt::Write as _;
     let mut out = render(&t.ingest);
     let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
     let c = &t.conversions.stats;
-    let _ = writeln!(
-        out,
-        "# HELP affgate_collector_postbacks_processed_total Inbox postbacks processed, by outcome.\n# TYPE affgate_collector_postbacks_processed_total counter"
+    family(
+        &mut out,
+        "counter",
+        "affgate_collector_postbacks_processed_total",
+        "Inbox postbacks processed, by outcome.",
+        &[
+            ("outcome=\"recorded\"", l(&c.recorded)),
+            ("outcome=\"not_applied\"", l(&c.not_applied)),
+            ("outcome=\"refused\"", l(&c.refused)),
+        ],
     );
-    for (outcome, v) in [
-        ("recorded", l(&c.recorded)),
-        ("not_applied", l(&c.not_applied)),
-        ("refused", l(&c.refused)),
-    ] {
-        let _ = writeln!(
-            out,
-            "affgate_collector_postbacks_processed_total{{outcome=\"{outcome}\"}} {v}"
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP affgate_collector_conversion_errors_total Failed conversion processing passes (retried).\n# TYPE affgate_collector_conversion_errors_total counter\naffgate_collector_conversion_errors_total {}",
-        l(&c.errors)
+    family(
+        &mut out,
+        "counter",
+        "affgate_collector_conversion_errors_total",
+        "Failed conversion processing passes (retried).",
+        &[("", l(&c.errors))],
     );
-    let _ = writeln!(
-        out,
-        "# HELP affgate_collector_conversion_events_mirrored_total Conversion events written to ClickHouse.\n# TYPE affgate_collector_conversion_events_mirrored_total counter\naffgate_collector_conversion_events_mirrored_total {}\n# HELP affgate_collector_mirror_errors_total Failed mirror passes (retried).\n# TYPE affgate_collector_mirror_errors_total counter\naffgate_collector_mirror_errors_total {}",
-        l(&t.mirror.stats.mirrored),
-        l(&t.mirror.stats.errors)
+    family(
+        &mut out,
+        "counter",
+        "affgate_collector_conversion_events_mirrored_total",
+        "Conversion events written to ClickHouse.",
+        &[("", l(&t.mirror.stats.mirrored))],
+    );
+    family(
+        &mut out,
+        "counter",
+        "affgate_collector_mirror_errors_total",
+        "Failed mirror passes (retried).",
+        &[("", l(&t.mirror.stats.errors))],
     );
     if let Some(p) = &t.propagator {
         let s = &p.stats;
-        let _ = writeln!(
-            out,
-            "# HELP affgate_collector_redis_writes_total Redis keys written and announced.\n# TYPE affgate_collector_redis_writes_total counter\naffgate_collector_redis_writes_total {}\n# HELP affgate_collector_redis_failures_total Failed propagations (caught up by a full publication).\n# TYPE affgate_collector_redis_failures_total counter\naffgate_collector_redis_failures_total {}\n# HELP affgate_collector_redis_full_publications_total Full publications of the control plane.\n# TYPE affgate_collector_redis_full_publications_total counter\naffgate_collector_redis_full_publications_total {}\n# HELP affgate_collector_redis_up 1 while the last Redis write succeeded.\n# TYPE affgate_collector_redis_up gauge\naffgate_collector_redis_up {}",
-            l(&s.writes),
-            l(&s.failures),
-            l(&s.full_syncs),
-            u8::from(s.up.load(Ordering::Relaxed))
+        family(
+            &mut out,
+            "counter",
+            "affgate_collector_redis_writes_total",
+            "Redis keys written and announced.",
+            &[("", l(&s.writes))],
+        );
+        family(
+            &mut out,
+            "counter",
+            "affgate_collector_redis_failures_total",
+            "Failed propagations (caught up by a full publication).",
+            &[("", l(&s.failures))],
+        );
+        family(
+            &mut out,
+            "counter",
+            "affgate_collector_redis_full_publications_total",
+            "Full publications of the control plane.",
+            &[("", l(&s.full_syncs))],
+        );
+        family(
+            &mut out,
+            "gauge",
+            "affgate_collector_redis_up",
+            "1 while the last Redis write succeeded.",
+            &[("", u64::from(s.up.load(Ordering::Relaxed)))],
         );
     }
     out

@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use affgate_schema::keys::KeyRing;
-use affgate_schema::{ClickId, DedupKey, Status, format_micros, parse_micros};
+use affgate_schema::{ClickId, DedupKey, Status, parse_micros};
 use anyhow::Context;
 use sqlx::{PgPool, Postgres, Row, Transaction};
 use tokio::sync::{Notify, watch};
@@ -88,6 +88,8 @@ struct InboxRow {
     currency: String,
     request_id: String,
     ts_ms: i64,
+    /// The UTC day of `ts` (`YYYY-MM-DD`): the cap's day.
+    day: String,
 }
 
 /// Turns inbox rows into conversions.
@@ -268,24 +270,32 @@ impl Processor {
         let conversion_key =
             DedupKey::for_conversion(row.network_id as u64, &row.click_id, &row.txid, &row.event);
 
-        let existing =
-            sqlx::query("SELECT id, status FROM conversions WHERE conversion_key = $1 FOR UPDATE")
-                .bind(&conversion_key.0[..])
-                .fetch_optional(&mut **tx)
-                .await
-                .context("lock conversion")?;
+        let existing = sqlx::query(
+            "SELECT id, status, payout::text AS payout, currency::text AS currency
+             FROM conversions WHERE conversion_key = $1 FOR UPDATE",
+        )
+        .bind(&conversion_key.0[..])
+        .fetch_optional(&mut **tx)
+        .await
+        .context("lock conversion")?;
 
         let mut capped_offer = None;
+        // The conversion's amount and currency as they stand before this
+        // postback (None: it is new).
+        let mut stored: Option<(i64, String)> = None;
         let (conversion_id, before, after) = match existing {
             Some(c) => {
                 let id: i64 = c.try_get("id")?;
                 let current = conv_status(&c.try_get::<String, _>("status")?)?;
+                stored = Some((
+                    micros(&c.try_get::<String, _>("payout")?)?,
+                    c.try_get("currency")?,
+                ));
                 let next = decide::transition(current, row.status);
                 (id, Some(current), next.unwrap_or(current))
             }
             None => {
-                let day_ms = row.ts_ms.div_euclid(86_400_000);
-                let day = chrono_day(day_ms);
+                let day = &row.day;
                 let daily_cap: Option<i32> = l.try_get("daily_cap")?;
                 let cap = match daily_cap {
                     Some(cap) if decide::takes_cap_slot(row.status) => {
@@ -294,7 +304,7 @@ impl Processor {
                              ON CONFLICT DO NOTHING",
                         )
                         .bind(offer_id)
-                        .bind(&day)
+                        .bind(day)
                         .execute(&mut **tx)
                         .await
                         .context("cap row")?;
@@ -303,7 +313,7 @@ impl Processor {
                              WHERE offer_id = $1 AND day = $2::date FOR UPDATE",
                         )
                         .bind(offer_id)
-                        .bind(&day)
+                        .bind(day)
                         .fetch_one(&mut **tx)
                         .await
                         .context("lock cap row")?;
@@ -364,7 +374,7 @@ impl Processor {
                          WHERE offer_id = $1 AND day = $2::date",
                     )
                     .bind(offer_id)
-                    .bind(&day)
+                    .bind(day)
                     .execute(&mut **tx)
                     .await
                     .context("count cap")?;
@@ -375,7 +385,7 @@ impl Processor {
                                AND $2::date >= (now() AT TIME ZONE 'UTC')::date",
                         )
                         .bind(offer_id)
-                        .bind(&day)
+                        .bind(day)
                         .execute(&mut **tx)
                         .await
                         .context("cap offer")?;
@@ -412,8 +422,9 @@ impl Processor {
         .await
         .context("insert conversion event")?;
         if event.rows_affected() == 0 {
-            // This exact postback was already recorded: change nothing.
-            return Ok((Outcome::NotApplied, None));
+            // Recorded by another transaction since the duplicate check:
+            // undo everything; the retry finds it a duplicate.
+            return Err(Raced.into());
         }
         if !applied {
             return Ok((Outcome::NotApplied, None));
@@ -432,36 +443,25 @@ impl Processor {
             // final amount); other transitions only move the status.
             let recompute = before.is_none() || after == ConvStatus::Approved;
             if recompute {
-                if after == ConvStatus::Approved && before.is_some() && row.payout.is_some() {
-                    sqlx::query(
-                        "UPDATE conversions SET payout = $2::numeric / 1000000, currency = $3
-                         WHERE id = $1",
-                    )
-                    .bind(conversion_id)
-                    .bind(payout)
-                    .bind(&currency)
-                    .execute(&mut **tx)
-                    .await
-                    .context("update payout")?;
-                }
-                let amount = if before.is_some() && row.payout.is_none() {
-                    // Approval without an amount keeps the conversion's.
-                    let p: String =
-                        sqlx::query_scalar("SELECT payout::text FROM conversions WHERE id = $1")
-                            .bind(conversion_id)
-                            .fetch_one(&mut **tx)
-                            .await
-                            .context("conversion payout")?;
-                    micros(&p)?
-                } else {
-                    payout
-                };
-                let cur: String =
-                    sqlx::query_scalar("SELECT currency::text FROM conversions WHERE id = $1")
+                // The approving postback's amount replaces the conversion's;
+                // without one, the conversion keeps what it has.
+                let (amount, cur) = match (stored, row.payout) {
+                    (Some(kept), None) => kept,
+                    (Some(_), Some(_)) => {
+                        sqlx::query(
+                            "UPDATE conversions SET payout = $2::numeric / 1000000, currency = $3
+                             WHERE id = $1",
+                        )
                         .bind(conversion_id)
-                        .fetch_one(&mut **tx)
+                        .bind(payout)
+                        .bind(&currency)
+                        .execute(&mut **tx)
                         .await
-                        .context("conversion currency")?;
+                        .context("update payout")?;
+                        (payout, currency)
+                    }
+                    (None, _) => (payout, currency),
+                };
                 let levels: Vec<String> = l.try_get("levels")?;
                 let rates = levels
                     .iter()
@@ -526,7 +526,8 @@ async fn claim(tx: &mut Transaction<'_, Postgres>) -> anyhow::Result<Option<Inbo
     let Some(r) = sqlx::query(
         "SELECT dedup_key, edge_id, seq, network_id, click_id, txid, event, status,
                 payout::text AS payout, currency::text AS currency, request_id,
-                (extract(epoch FROM ts) * 1000)::int8 AS ts_ms
+                (extract(epoch FROM ts) * 1000)::int8 AS ts_ms,
+                (ts AT TIME ZONE 'UTC')::date::text AS day
          FROM postback_inbox WHERE processed_at IS NULL
          ORDER BY ts LIMIT 1 FOR UPDATE SKIP LOCKED",
     )
@@ -551,6 +552,7 @@ async fn claim(tx: &mut Transaction<'_, Postgres>) -> anyhow::Result<Option<Inbo
         currency: r.try_get("currency")?,
         request_id: r.try_get("request_id")?,
         ts_ms: r.try_get("ts_ms")?,
+        day: r.try_get("day")?,
     }))
 }
 
@@ -575,23 +577,6 @@ fn conv_status(s: &str) -> anyhow::Result<ConvStatus> {
     ConvStatus::parse(s).with_context(|| format!("conversion status {s}"))
 }
 
-/// `YYYY-MM-DD` of a day number since the Unix epoch (UTC).
-fn chrono_day(days: i64) -> String {
-    // Civil-from-days (Howard Hinnant's algorithm), exact for all i64 days
-    // a timestamptz can hold.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = if m <= 2 { y + 1 } else { y };
-    format!("{y:04}-{m:02}-{d:02}")
-}
-
 /// A row-level refusal (data exception, constraint): retrying cannot help.
 fn is_data_error(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
@@ -606,23 +591,9 @@ fn is_data_error(e: &anyhow::Error) -> bool {
         .any(|c| c.downcast_ref::<affgate_schema::DecimalError>().is_some())
 }
 
-/// Formats micro-units for logs and the API.
-pub fn money(v: i64) -> String {
-    format_micros(v)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn days_are_civil_dates() {
-        assert_eq!(chrono_day(0), "1970-01-01");
-        assert_eq!(chrono_day(19_723), "2024-01-01");
-        assert_eq!(chrono_day(19_782), "2024-02-29");
-        assert_eq!(chrono_day(20_780), "2026-11-23");
-        assert_eq!(chrono_day(-1), "1969-12-31");
-    }
 
     #[test]
     fn numeric_text_is_read_exactly() {
