@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! affgate:link:{slug}    hash  link_id destination status redirect_code offer_id
-//!                              affiliate_id network_id version
+//!                              affiliate_id network_id fallback_url (the offer's) version
 //! affgate:offer:{id}     hash  status (active|capped|paused) fallback_url version
 //! affgate:token:{hash}   string network id (hash: keyed blake3 of the token, hex)
 //! affgate:changes        pub/sub "link:{slug}" | "offer:{id}" | "token:{hash}"
@@ -120,6 +120,17 @@ impl Propagator {
         .await;
     }
 
+    /// Publish every link of an offer (after their rows committed).
+    pub async fn offer_links(&self, offer_id: i64) {
+        self.publish_one(
+            "offer links",
+            &format!("{LINK_SELECT} WHERE l.offer_id = $1"),
+            offer_id,
+            link_put,
+        )
+        .await;
+    }
+
     /// Publish one offer's status (after its row committed).
     pub async fn offer(&self, id: i64) {
         self.publish_one(
@@ -139,8 +150,8 @@ impl Propagator {
         .await;
     }
 
-    /// Read the row `sql` selects for `id` and write it; a missing row
-    /// publishes nothing.
+    /// Read the rows `sql` selects for `id` and write them in one
+    /// pipeline; no row publishes nothing.
     async fn publish_one(
         &self,
         what: &str,
@@ -149,11 +160,9 @@ impl Propagator {
         put: impl Fn(&sqlx::postgres::PgRow) -> anyhow::Result<Put>,
     ) {
         let r = async {
-            let row = sqlx::query(sql).bind(id).fetch_optional(&self.pool).await?;
-            match row {
-                Some(row) => self.apply(vec![put(&row)?], COMMAND_TIMEOUT).await,
-                None => Ok(()),
-            }
+            let rows = sqlx::query(sql).bind(id).fetch_all(&self.pool).await?;
+            let puts = rows.iter().map(&put).collect::<anyhow::Result<Vec<_>>>()?;
+            self.apply(puts, COMMAND_TIMEOUT).await
         }
         .await;
         self.outcome(what, r);
@@ -375,8 +384,10 @@ const NETWORK_SELECT_ONE: &str = "SELECT id, postback_token FROM networks WHERE 
 const NETWORK_SELECT_ALL: &str = "SELECT id, postback_token FROM networks ORDER BY id";
 
 /// Links with what the edge needs from their offer.
+/// A link's `fallback_url` is its offer's (links have none of their own):
+/// changing an offer's fallback bumps its links' versions.
 const LINK_SELECT: &str = "SELECT l.id, l.slug, l.destination, l.status, l.redirect_code,
-        l.offer_id, l.affiliate_id, o.network_id, l.version
+        l.offer_id, l.affiliate_id, o.network_id, o.fallback_url, l.version
     FROM links l JOIN offers o ON o.id = l.offer_id";
 
 /// Offers with their status as edges see it.
@@ -412,6 +423,10 @@ fn link_put(row: &sqlx::postgres::PgRow) -> anyhow::Result<Put> {
     for (k, v) in fields {
         args.push(k.to_string());
         args.push(v);
+    }
+    if let Some(f) = row.try_get::<Option<String>, _>("fallback_url")? {
+        args.push("fallback_url".into());
+        args.push(f);
     }
     Ok(Put {
         key: format!("{LINK_PREFIX}{slug}"),

@@ -1084,6 +1084,8 @@ fn slugs_pages_decimals_and_redis() {
             ("offer_id", id(&offer).to_string()),
             ("affiliate_id", id(&child).to_string()),
             ("network_id", net.to_string()),
+            // The offer's fallback, as DESIGN.md's link hash carries it.
+            ("fallback_url", "https://fallback.example/".to_string()),
             ("version", version.to_string()),
         ]
         .into_iter()

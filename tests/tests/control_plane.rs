@@ -273,6 +273,24 @@ fn a_destination_change_is_served_within_a_second() {
             (r.header("location") == Some(OFFER_FALLBACK)).then_some(())
         },
     );
+    // A new offer fallback reaches the link's hash and the edge.
+    let (status, _) = api(
+        p.admin(),
+        "PATCH",
+        &format!("/api/v1/offers/{offer_id}"),
+        Some(r#"{"fallback_url": "https://new-fallback.example/"}"#),
+    );
+    assert_eq!(status, 200);
+    let fallback: String = redis::cmd("HGET")
+        .arg(format!("affgate:link:{slug}"))
+        .arg("fallback_url")
+        .query(&mut p.redis.conn())
+        .expect("link hash");
+    assert_eq!(fallback, "https://new-fallback.example/");
+    wait_for("the paused link to use the new fallback", DEADLINE, || {
+        let r = p.edge.get(&format!("/c/{slug}"));
+        (r.header("location") == Some("https://new-fallback.example/")).then_some(())
+    });
 }
 
 #[test]

@@ -326,6 +326,16 @@ async fn patch_offer(admin: &Admin, id: i64, b: Body) -> Reply {
     .await?;
     let json = json.ok_or_else(|| ApiError::not_found("offer"))?;
     admin.propagator.offer(id).await;
+    if fallback.is_some() {
+        // Link hashes carry their offer's fallback.
+        sqlx::query(
+            "UPDATE links SET version = version + 1, updated_at = now() WHERE offer_id = $1",
+        )
+        .bind(id)
+        .execute(&admin.pool)
+        .await?;
+        admin.propagator.offer_links(id).await;
+    }
     Ok((StatusCode::OK, json))
 }
 
