@@ -185,19 +185,6 @@ pub async fn serve_miss(
     }
 }
 
-/// Both paths in one: the cache, then Redis on a miss.
-pub async fn handle(
-    app: &App,
-    req: &Request<hyper::body::Incoming>,
-    slug: &str,
-    peer: SocketAddr,
-) -> hyper::Response<Body> {
-    match serve_cached(app, req, slug, peer) {
-        Ok(r) => r,
-        Err(()) => serve_miss(app, req, slug, peer).await,
-    }
-}
-
 fn click_request<'a>(
     app: &App,
     req: &'a Request<hyper::body::Incoming>,
