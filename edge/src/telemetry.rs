@@ -42,6 +42,8 @@ struct Shard {
     append_errors: AtomicU64,
     /// Click served by fallback because the link was paused/capped or unknown with Redis down.
     fallbacks: AtomicU64,
+    /// Plain-listener connections the fast path handed to hyper.
+    handovers: AtomicU64,
 }
 
 impl Default for Shard {
@@ -52,6 +54,7 @@ impl Default for Shard {
             latency_sum_ns: Default::default(),
             append_errors: AtomicU64::new(0),
             fallbacks: AtomicU64::new(0),
+            handovers: AtomicU64::new(0),
         }
     }
 }
@@ -112,6 +115,15 @@ impl Metrics {
         self.shard().fallbacks.fetch_add(1, Ordering::Relaxed);
     }
 
+    pub fn handover(&self) {
+        self.shard().handovers.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Connections handed from the fast path to hyper so far.
+    pub fn handovers(&self) -> u64 {
+        self.sum(|s| s.handovers.load(Ordering::Relaxed))
+    }
+
     fn sum(&self, f: impl Fn(&Shard) -> u64) -> u64 {
         self.shards.iter().map(f).sum()
     }
@@ -169,6 +181,12 @@ impl Metrics {
             "affgate_edge_fallback_redirects_total",
             "Clicks sent to a fallback URL (paused link, closed offer, or unknown slug with Redis unreachable).",
             self.sum(|s| s.fallbacks.load(Ordering::Relaxed)),
+        );
+        counter(
+            out,
+            "affgate_edge_http_handovers_total",
+            "Plain HTTP connections the fast path handed to hyper (a request it does not serve itself).",
+            self.handovers(),
         );
     }
 

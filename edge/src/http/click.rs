@@ -13,12 +13,12 @@ use std::sync::atomic::Ordering;
 
 use affgate_schema::click_id::ClickId;
 use affgate_schema::event::{ClickRef, encode_click};
-use bytes::Bytes;
-use http::header::{HeaderValue, LOCATION, REFERER, USER_AGENT};
-use http::{Method, Request, StatusCode};
-use http_body_util::Full;
+use http::StatusCode;
+use http::header::{HeaderName, REFERER, USER_AGENT};
 
-use super::{App, Body, X_REQUEST_ID, header_value, method_not_allowed, now_ms, response, text};
+use super::reply::Reply;
+use super::view::RequestView;
+use super::{App, X_REQUEST_ID, header_value, now_ms, usable_request_id};
 use crate::KIND_CLICK;
 use crate::links::redis::Miss;
 use crate::links::{Link, LinkStatus, Macros, OfferState, valid_slug};
@@ -89,23 +89,21 @@ pub fn subs_from_query(query: Option<&str>) -> [Cow<'_, str>; 5] {
     subs
 }
 
-fn header_str<'a>(
-    req: &'a Request<hyper::body::Incoming>,
-    name: http::header::HeaderName,
-    max: usize,
-) -> Cow<'a, str> {
-    match req.headers().get(name) {
-        Some(v) => truncate_cow(String::from_utf8_lossy(v.as_bytes()), max),
+fn header_str<'a>(req: &'a impl RequestView, name: &HeaderName, max: usize) -> Cow<'a, str> {
+    match req.header(name) {
+        Some(v) => truncate_cow(String::from_utf8_lossy(v), max),
         None => Cow::Borrowed(""),
     }
 }
 
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+
 /// The visitor's address: the peer, or the first `X-Forwarded-For` entry behind a trusted proxy.
-pub fn client_ip(headers: &http::HeaderMap, peer: SocketAddr, trust_forwarded_for: bool) -> IpAddr {
+pub fn client_ip(req: &impl RequestView, peer: SocketAddr, trust_forwarded_for: bool) -> IpAddr {
     if trust_forwarded_for
-        && let Some(ip) = headers
-            .get("x-forwarded-for")
-            .and_then(|v| v.to_str().ok())
+        && let Some(ip) = req
+            .header(&X_FORWARDED_FOR)
+            .and_then(|v| std::str::from_utf8(v).ok())
             .and_then(|v| v.split(',').next())
             .and_then(|v| v.trim().parse::<IpAddr>().ok())
     {
@@ -125,43 +123,36 @@ enum Target<'l> {
 #[allow(clippy::result_unit_err)]
 pub fn serve_cached(
     app: &App,
-    req: &Request<hyper::body::Incoming>,
+    req: &impl RequestView,
     slug: &str,
     peer: SocketAddr,
-) -> Result<hyper::Response<Body>, ()> {
-    if req.method() != Method::GET && req.method() != Method::HEAD {
-        return Ok(method_not_allowed(
-            app.request_id(req.headers()),
-            "GET, HEAD",
-        ));
+) -> Result<Reply, ()> {
+    let method = req.method();
+    if method != "GET" && method != "HEAD" {
+        return Ok(Reply::method_not_allowed(app.request_id(req), "GET, HEAD"));
     }
     if !valid_slug(slug) {
-        return Ok(text(
+        return Ok(Reply::text(
             StatusCode::NOT_FOUND,
-            app.request_id(req.headers()),
+            app.request_id(req),
             "unknown link",
         ));
     }
     let click = click_request(app, req, slug, peer);
-    let client_rid = req.headers().get(&X_REQUEST_ID);
+    let client_rid = req.header(&X_REQUEST_ID);
     app.links
         .with_link(slug, |link| serve_link(app, Some(link), &click, client_rid))
         .ok_or(())
 }
 
 /// A slug the cache lacks: one bounded Redis lookup, then 404 or the fallback.
-pub async fn serve_miss(
-    app: &App,
-    req: &Request<hyper::body::Incoming>,
-    slug: &str,
-    peer: SocketAddr,
-) -> hyper::Response<Body> {
+pub async fn serve_miss(app: &App, req: &impl RequestView, slug: &str, peer: SocketAddr) -> Reply {
     let miss = match &app.redis {
         Some(redis) => redis.lookup_miss(slug).await,
         None => Miss::NotFound,
     };
     let click = click_request(app, req, slug, peer);
-    let client_rid = req.headers().get(&X_REQUEST_ID);
+    let client_rid = req.header(&X_REQUEST_ID);
     match miss {
         Miss::Found => {
             if let Some(r) = app
@@ -170,43 +161,36 @@ pub async fn serve_miss(
             {
                 return r;
             }
-            text(
-                StatusCode::NOT_FOUND,
-                app.request_id(req.headers()),
-                "unknown link",
-            )
+            Reply::text(StatusCode::NOT_FOUND, app.request_id(req), "unknown link")
         }
-        Miss::NotFound => text(
-            StatusCode::NOT_FOUND,
-            app.request_id(req.headers()),
-            "unknown link",
-        ),
+        Miss::NotFound => Reply::text(StatusCode::NOT_FOUND, app.request_id(req), "unknown link"),
         Miss::Unreachable => serve_link(app, None, &click, client_rid),
     }
 }
 
 fn click_request<'a>(
     app: &App,
-    req: &'a Request<hyper::body::Incoming>,
+    req: &'a impl RequestView,
     slug: &'a str,
     peer: SocketAddr,
 ) -> ClickRequest<'a> {
     ClickRequest {
         slug,
-        ip: client_ip(req.headers(), peer, app.trust_forwarded_for),
-        user_agent: header_str(req, USER_AGENT, MAX_USER_AGENT),
-        referer: header_str(req, REFERER, MAX_REFERER),
-        subs: subs_from_query(req.uri().query()),
+        ip: client_ip(req, peer, app.trust_forwarded_for),
+        user_agent: header_str(req, &USER_AGENT, MAX_USER_AGENT),
+        referer: header_str(req, &REFERER, MAX_REFERER),
+        subs: subs_from_query(req.query()),
     }
 }
 
-/// Decide, record, answer. `link` None: unknown slug while Redis is unreachable.
+/// Decide, record, answer. `link` None: unknown slug while Redis is
+/// unreachable. `client_rid`: the request's `X-Request-Id` as sent.
 pub fn serve_link(
     app: &App,
     link: Option<&Link>,
     click: &ClickRequest<'_>,
-    client_rid: Option<&HeaderValue>,
-) -> hyper::Response<Body> {
+    client_rid: Option<&[u8]>,
+) -> Reply {
     let (target, quarantined) = match link {
         Some(l) => {
             let offer_state = app.links.offer_state(l.offer_id);
@@ -221,9 +205,9 @@ pub fn serve_link(
                 match url {
                     Some(u) => (Target::Fallback(u), false),
                     None => {
-                        return text(
+                        return Reply::text(
                             StatusCode::NOT_FOUND,
-                            rid_or_fresh(app, client_rid),
+                            app.request_id_or_fresh(client_rid),
                             "link paused and no fallback configured",
                         );
                     }
@@ -235,9 +219,9 @@ pub fn serve_link(
         None => match app.fallback_url.as_deref() {
             Some(u) => (Target::Fallback(Cow::Borrowed(u)), false),
             None => {
-                return text(
+                return Reply::text(
                     StatusCode::NOT_FOUND,
-                    rid_or_fresh(app, client_rid),
+                    app.request_id_or_fresh(client_rid),
                     "unknown link",
                 );
             }
@@ -254,9 +238,9 @@ pub fn serve_link(
         Err(e) => {
             // Loaders refuse link ids above MAX_LINK_ID, so this is a bug, not input.
             tracing::error!(link_id, error = %e, "cannot mint click id");
-            return text(
+            return Reply::text(
                 StatusCode::NOT_FOUND,
-                rid_or_fresh(app, client_rid),
+                app.request_id_or_fresh(client_rid),
                 "unknown link",
             );
         }
@@ -306,34 +290,20 @@ pub fn serve_link(
         }
         Target::Fallback(u) => (302, header_value(u.as_bytes())),
     };
-    let rid = match client_rid {
-        Some(r) if usable_rid(r) => r.clone(),
-        _ => header_value(click_id.as_bytes()).unwrap_or_else(|| app.fresh_request_id()),
-    };
+    // No usable id from the client: the click id names the request.
+    let rid = match client_rid.filter(|b| usable_request_id(b)) {
+        Some(b) => header_value(b),
+        None => header_value(click_id.as_bytes()),
+    }
+    .unwrap_or_else(|| app.fresh_request_id());
     let status = StatusCode::from_u16(code).unwrap_or(StatusCode::FOUND);
-    let mut resp = response(status, rid, Full::new(Bytes::new()));
-    match location {
-        Some(v) => {
-            resp.headers_mut().insert(LOCATION, v);
-        }
-        None => {
-            // Destinations are checked when loaded and macro values are percent-encoded.
-            tracing::error!(slug = click.slug, "destination is not a valid header value");
-        }
+    let mut reply = Reply::empty(status, rid);
+    if location.is_none() {
+        // Destinations are checked when loaded and macro values are percent-encoded.
+        tracing::error!(slug = click.slug, "destination is not a valid header value");
     }
-    resp
-}
-
-fn usable_rid(v: &HeaderValue) -> bool {
-    let b = v.as_bytes();
-    !b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_graphic())
-}
-
-fn rid_or_fresh(app: &App, client_rid: Option<&HeaderValue>) -> HeaderValue {
-    match client_rid {
-        Some(r) if usable_rid(r) => r.clone(),
-        _ => app.fresh_request_id(),
-    }
+    reply.location = location;
+    reply
 }
 
 fn append_click(app: &App, seq: u64, ts_ms: u64, event: &ClickRef<'_>) {
@@ -376,18 +346,21 @@ mod tests {
 
     #[test]
     fn forwarded_for_only_when_trusted() {
-        let mut h = http::HeaderMap::new();
-        h.insert(
-            "x-forwarded-for",
-            HeaderValue::from_static("203.0.113.9, 10.0.0.1"),
-        );
+        let req = |xff: &str| {
+            http::Request::builder()
+                .uri("/c/x")
+                .header("x-forwarded-for", xff)
+                .body(())
+                .unwrap()
+        };
+        let h = req("203.0.113.9, 10.0.0.1");
         let peer: SocketAddr = "127.0.0.1:5000".parse().unwrap();
         assert_eq!(client_ip(&h, peer, false), peer.ip());
         assert_eq!(
             client_ip(&h, peer, true),
             "203.0.113.9".parse::<IpAddr>().unwrap()
         );
-        h.insert("x-forwarded-for", HeaderValue::from_static("garbage"));
+        let h = req("garbage");
         assert_eq!(
             client_ip(&h, peer, true),
             peer.ip(),

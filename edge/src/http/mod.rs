@@ -4,6 +4,12 @@
 //! - `click.rs`: `GET|HEAD /c/{slug}`, the redirect hot path.
 //! - `postback.rs`: `GET|POST /postback`, parse, verify, append, 200.
 //! - `tls.rs`: the rustls listener (HTTP/2 and HTTP/1.1 by ALPN).
+//! - `fast.rs`: the plain listener's HTTP/1.1 connection loop; it answers
+//!   `GET|HEAD /c/{slug}` and `GET /postback` itself and hands every other
+//!   request, with the rest of its connection, to hyper.
+//! - `view.rs` and `reply.rs`: what the handlers read ([`view::RequestView`],
+//!   over a hyper request or a fast-path one) and what they answer
+//!   ([`reply::Reply`], made into a hyper response or written as bytes).
 //!
 //! Every response carries `X-Request-Id` (the request's, when it sent a
 //! usable one, else a fresh one) and `Cache-Control: private, no-store`.
@@ -11,8 +17,11 @@
 //! one-line reason.
 
 pub mod click;
+pub mod fast;
 pub mod postback;
+pub mod reply;
 pub mod tls;
+pub mod view;
 
 use std::cell::{Cell, RefCell};
 use std::convert::Infallible;
@@ -23,7 +32,7 @@ use std::time::Instant;
 
 use affgate_schema::keys::KeyRing;
 use bytes::{Bytes, BytesMut};
-use http::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderName, HeaderValue};
+use http::header::{CONTENT_TYPE, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -32,6 +41,8 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use self::reply::Reply;
+use self::view::RequestView;
 use crate::links::LinkCache;
 use crate::links::redis::RedisLinks;
 use crate::ring::Ring;
@@ -40,8 +51,6 @@ use crate::telemetry::{Metrics, Route};
 pub type Body = Full<Bytes>;
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-static NO_STORE: HeaderValue = HeaderValue::from_static("private, no-store");
-static TEXT_PLAIN: HeaderValue = HeaderValue::from_static("text/plain; charset=utf-8");
 
 /// Everything a request handler reads. Shared by all connections.
 #[derive(Debug)]
@@ -70,41 +79,6 @@ pub fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
-}
-
-/// A response with the headers every answer carries.
-pub fn response(status: StatusCode, request_id: HeaderValue, body: Body) -> Response<Body> {
-    let mut r = Response::new(body);
-    *r.status_mut() = status;
-    let h = r.headers_mut();
-    h.insert(CACHE_CONTROL, NO_STORE.clone());
-    h.insert(X_REQUEST_ID.clone(), request_id);
-    r
-}
-
-/// A plain-text answer: `reason` on one line.
-pub fn text(status: StatusCode, request_id: HeaderValue, reason: &str) -> Response<Body> {
-    let mut body = String::with_capacity(reason.len() + 1);
-    body.push_str(reason);
-    body.push('\n');
-    let mut r = response(status, request_id, Full::new(Bytes::from(body)));
-    r.headers_mut().insert(CONTENT_TYPE, TEXT_PLAIN.clone());
-    r
-}
-
-/// A plain-text answer with a constant body (`"OK\n"`): nothing allocated for it.
-pub fn text_static(
-    status: StatusCode,
-    request_id: HeaderValue,
-    body: &'static str,
-) -> Response<Body> {
-    let mut r = response(
-        status,
-        request_id,
-        Full::new(Bytes::from_static(body.as_bytes())),
-    );
-    r.headers_mut().insert(CONTENT_TYPE, TEXT_PLAIN.clone());
-    r
 }
 
 thread_local! {
@@ -139,14 +113,17 @@ pub fn header_value(bytes: &[u8]) -> Option<HeaderValue> {
 
 impl App {
     /// The request's own `X-Request-Id` when usable (1-128 visible ASCII), else a fresh one.
-    pub fn request_id(&self, req_headers: &http::HeaderMap) -> HeaderValue {
-        if let Some(v) = req_headers.get(&X_REQUEST_ID) {
-            let b = v.as_bytes();
-            if !b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_graphic()) {
-                return v.clone();
-            }
+    pub fn request_id(&self, req: &impl RequestView) -> HeaderValue {
+        self.request_id_or_fresh(req.header(&X_REQUEST_ID))
+    }
+
+    /// `client_rid` when usable (1-128 visible ASCII), carved from the
+    /// per-thread header chunk, else a fresh id.
+    pub fn request_id_or_fresh(&self, client_rid: Option<&[u8]>) -> HeaderValue {
+        match client_rid.filter(|b| usable_request_id(b)) {
+            Some(b) => header_value(b).unwrap_or_else(|| self.fresh_request_id()),
+            None => self.fresh_request_id(),
         }
-        self.fresh_request_id()
     }
 
     /// `{boot nonce}-{thread}-{counter}` in hex: unique per process and thread, no shared counter.
@@ -189,7 +166,7 @@ impl App {
         } else {
             Route::Other
         };
-        let resp = match route {
+        let reply = match route {
             Route::Click => {
                 let slug = &req.uri().path()["/c/".len()..];
                 // The cache hit answers without awaiting; only a miss (a
@@ -207,34 +184,34 @@ impl App {
             },
             Route::Health => self.health(&req),
             Route::Other => {
-                let rid = self.request_id(req.headers());
-                text(StatusCode::NOT_FOUND, rid, "not found")
+                let rid = self.request_id(&req);
+                Reply::text(StatusCode::NOT_FOUND, rid, "not found")
             }
         };
         self.metrics
-            .record(route, resp.status().as_u16(), started.elapsed());
-        resp
+            .record(route, reply.status.as_u16(), started.elapsed());
+        reply.into_response()
     }
 
-    fn health(&self, req: &Request<Incoming>) -> Response<Body> {
-        let rid = self.request_id(req.headers());
+    fn health(&self, req: &Request<Incoming>) -> Reply {
+        let rid = self.request_id(req);
         if req.method() != Method::GET && req.method() != Method::HEAD {
-            return method_not_allowed(rid, "GET, HEAD");
+            return Reply::method_not_allowed(rid, "GET, HEAD");
         }
         if req.uri().path() == "/healthz" {
-            return text(StatusCode::OK, rid, "ok");
+            return Reply::text(StatusCode::OK, rid, "ok");
         }
         let ring = self.ring_ok.load(Ordering::Relaxed);
         let links = self.links.is_loaded();
         if ring && links {
-            text(StatusCode::OK, rid, "ready")
+            Reply::text(StatusCode::OK, rid, "ready")
         } else {
             let why = match (ring, links) {
                 (false, false) => "not ready: ring not writable, links not loaded",
                 (false, true) => "not ready: ring not writable",
                 _ => "not ready: links not loaded",
             };
-            text(StatusCode::SERVICE_UNAVAILABLE, rid, why)
+            Reply::text(StatusCode::SERVICE_UNAVAILABLE, rid, why)
         }
     }
 }
@@ -249,14 +226,14 @@ fn push_hex(buf: &mut [u8; 40], len: &mut usize, v: u64, min_digits: usize) {
     }
 }
 
-pub fn method_not_allowed(rid: HeaderValue, allow: &'static str) -> Response<Body> {
-    let mut r = text(StatusCode::METHOD_NOT_ALLOWED, rid, "method not allowed");
-    r.headers_mut()
-        .insert(http::header::ALLOW, HeaderValue::from_static(allow));
-    r
+/// An `X-Request-Id` a client sent that the edge echoes: 1-128 visible ASCII.
+pub fn usable_request_id(b: &[u8]) -> bool {
+    !b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_graphic())
 }
 
-/// Accept plain HTTP/1.1 connections (keep-alive) until shutdown.
+/// Accept plain HTTP/1.x connections (keep-alive) until shutdown. Each is
+/// served by [`fast::serve_connection`]: the hot routes by the fast path,
+/// the rest by hyper.
 pub async fn serve_plain(
     listener: TcpListener,
     app: Arc<App>,
@@ -264,7 +241,8 @@ pub async fn serve_plain(
     graceful: Arc<GracefulShutdown>,
 ) {
     let mut http = hyper::server::conn::http1::Builder::new();
-    http.keep_alive(true).max_buf_size(64 * 1024);
+    http.keep_alive(true).max_buf_size(fast::MAX_READ_BUF);
+    let http = Arc::new(http);
     loop {
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -279,19 +257,32 @@ pub async fn serve_plain(
             _ = shutdown.changed() => return,
         };
         let _ = stream.set_nodelay(true);
-        let app = app.clone();
-        let svc = hyper::service::service_fn(move |req| {
-            let app = app.clone();
-            async move { Ok::<_, Infallible>(app.handle(req, peer).await) }
-        });
-        let conn = http.serve_connection(TokioIo::new(stream), svc);
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "http connection ended with an error");
-            }
-        });
+        tokio::spawn(fast::serve_connection(
+            stream,
+            peer,
+            app.clone(),
+            http.clone(),
+            shutdown.clone(),
+            graceful.watcher(),
+        ));
     }
+}
+
+/// The hyper service of a connection from `peer`: every request to [`App::handle`].
+pub fn hyper_service(
+    app: Arc<App>,
+    peer: SocketAddr,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Response<Body>,
+    Error = Infallible,
+    Future = impl Future<Output = Result<Response<Body>, Infallible>> + Send,
+> + Clone
++ Send {
+    hyper::service::service_fn(move |req| {
+        let app = app.clone();
+        async move { Ok::<_, Infallible>(app.handle(req, peer).await) }
+    })
 }
 
 /// Prometheus `/metrics` on its own listener.

@@ -37,7 +37,9 @@ use http::{Method, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
-use super::{App, Body, method_not_allowed, now_ms, text, text_static};
+use super::reply::Reply;
+use super::view::RequestView;
+use super::{App, now_ms};
 use crate::KIND_POSTBACK;
 
 pub const MAX_TXID: usize = 128;
@@ -175,22 +177,22 @@ pub fn parse<'a>(
 
 /// `GET /postback`, answered without awaiting anything. `None` for any
 /// other method: [`handle`] takes it (POST reads its body; the rest are 405).
-pub fn serve_get(app: &App, req: &hyper::Request<Incoming>) -> Option<hyper::Response<Body>> {
-    if req.method() != Method::GET {
+pub fn serve_get(app: &App, req: &impl RequestView) -> Option<Reply> {
+    if req.method() != "GET" {
         return None;
     }
-    let rid = app.request_id(req.headers());
-    let query = req.uri().query().unwrap_or("").as_bytes();
+    let rid = app.request_id(req);
+    let query = req.query().unwrap_or("").as_bytes();
     Some(answer(app, rid, query, b""))
 }
 
 /// `GET` or `POST /postback`.
-pub async fn handle(app: &App, req: hyper::Request<Incoming>) -> hyper::Response<Body> {
-    let rid = app.request_id(req.headers());
+pub async fn handle(app: &App, req: hyper::Request<Incoming>) -> Reply {
+    let rid = app.request_id(&req);
     let is_post = match *req.method() {
         Method::GET => false,
         Method::POST => true,
-        _ => return method_not_allowed(rid, "GET, POST"),
+        _ => return Reply::method_not_allowed(rid, "GET, POST"),
     };
     let (parts, body) = req.into_parts();
     let body: Bytes = if is_post {
@@ -200,7 +202,7 @@ pub async fn handle(app: &App, req: hyper::Request<Incoming>) -> hyper::Response
             .map(|v| v.as_bytes())
             .unwrap_or(b"application/x-www-form-urlencoded");
         if !ct.starts_with(b"application/x-www-form-urlencoded") {
-            return text(
+            return Reply::text(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 rid,
                 "content-type: send application/x-www-form-urlencoded",
@@ -210,9 +212,9 @@ pub async fn handle(app: &App, req: hyper::Request<Incoming>) -> hyper::Response
             Ok(b) => b.to_bytes(),
             Err(e) if e.is::<http_body_util::LengthLimitError>() => {
                 let reason = format!("body: larger than {} bytes", app.max_body_bytes);
-                return text(StatusCode::PAYLOAD_TOO_LARGE, rid, &reason);
+                return Reply::text(StatusCode::PAYLOAD_TOO_LARGE, rid, &reason);
             }
-            Err(_) => return text(StatusCode::BAD_REQUEST, rid, "body: could not be read"),
+            Err(_) => return Reply::text(StatusCode::BAD_REQUEST, rid, "body: could not be read"),
         }
     } else {
         Bytes::new()
@@ -222,20 +224,20 @@ pub async fn handle(app: &App, req: hyper::Request<Incoming>) -> hyper::Response
 }
 
 /// Validate, check the token, append, answer.
-fn answer(app: &App, rid: HeaderValue, query: &[u8], body: &[u8]) -> hyper::Response<Body> {
+fn answer(app: &App, rid: HeaderValue, query: &[u8], body: &[u8]) -> Reply {
     let now = now_ms();
     let params = match parse(query, body, &app.keys, now) {
         Ok(p) => p,
-        Err(reason) => return text(StatusCode::BAD_REQUEST, rid, &reason),
+        Err(reason) => return Reply::text(StatusCode::BAD_REQUEST, rid, &reason),
     };
     let Some(token) = params.token.as_deref() else {
-        return text(StatusCode::FORBIDDEN, rid, "token: missing");
+        return Reply::text(StatusCode::FORBIDDEN, rid, "token: missing");
     };
     let Some(network_id) = app
         .links
         .network_for_token_hash(&token_hash(app.keys.current(), token))
     else {
-        return text(StatusCode::FORBIDDEN, rid, "token: not recognised");
+        return Reply::text(StatusCode::FORBIDDEN, rid, "token: not recognised");
     };
     let currency = std::str::from_utf8(&params.currency).unwrap_or("USD");
     let event = PostbackRef {
@@ -259,13 +261,13 @@ fn answer(app: &App, rid: HeaderValue, query: &[u8], body: &[u8]) -> hyper::Resp
     match stored {
         Ok(_) => {
             app.ring_ok.store(true, Ordering::Relaxed);
-            text_static(StatusCode::OK, rid, "OK\n")
+            Reply::text_static(StatusCode::OK, rid, "OK\n")
         }
         Err(e) => {
             app.ring_ok.store(false, Ordering::Relaxed);
             app.metrics.append_error();
             tracing::error!(error = %e, "postback not stored: ring and spill failed; answering 503 so the network retries");
-            text(
+            Reply::text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 rid,
                 "not stored, retry later",
