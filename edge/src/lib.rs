@@ -5,7 +5,9 @@
 //! - `config`: the TOML file, `AFFGATE_*` overrides, typed checks.
 //! - `flush`: delivery to collectors; `flush::outbox` is its pure core.
 //! - `http`: routing and listeners; `http::click` is the redirect hot path,
-//!   `http::postback` the postback path, `http::tls` the rustls listener.
+//!   `http::postback` the postback path, `http::fast` the plain listener's
+//!   HTTP/1.1 loop (hot routes itself, the rest handed to hyper),
+//!   `http::tls` the rustls listener.
 //! - `links`: the in-process link cache and its sources (links file,
 //!   Redis with pub/sub invalidation), destination templates.
 //! - `ring`: the mmap'd event ring, its recovery, spill files, consumer.
