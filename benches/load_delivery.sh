@@ -8,6 +8,14 @@
 #       requests (wrk's delay()), so AFFGATE_LOAD_CONNS sets the rate
 #       (about 72 connections give 20,000 clicks/s here); for the lag target.
 #   AFFGATE_LOAD_WINDOW_MS=50: the collector's [ingest] window_ms (default: its own).
+#   AFFGATE_LOAD_BACKLOG=1 benches/load_delivery.sh 20
+#       the collector's own capacity: wrk fills the ring of an edge that has
+#       no collector configured for the given time, wrk stops, the edge is
+#       stopped (SIGTERM), then the collector starts and the edge restarts on
+#       its ring, delivering to it: the backlog drains with nothing else
+#       competing for the cores.
+#       The rate is the drain's (first to last row into ClickHouse); the lag
+#       figures then only say how old the backlog was.
 #
 # What it does, all on 127.0.0.1:
 #  1. starts the stack (deploy/services.sh), builds release binaries;
@@ -30,8 +38,9 @@ secs=${1:-60}
 conns=${AFFGATE_LOAD_CONNS:-64}
 paced=${AFFGATE_LOAD_PACED:-}
 window_ms=${AFFGATE_LOAD_WINDOW_MS:-}
+backlog=${AFFGATE_LOAD_BACKLOG:-}
 # Every AFFGATE_* variable is a config key to the binaries: keep ours out.
-unset AFFGATE_LOAD_CONNS AFFGATE_LOAD_PACED AFFGATE_LOAD_WINDOW_MS
+unset AFFGATE_LOAD_CONNS AFFGATE_LOAD_PACED AFFGATE_LOAD_WINDOW_MS AFFGATE_LOAD_BACKLOG
 db=affgate_load
 
 ./deploy/install.sh >/dev/null
@@ -84,7 +93,7 @@ file = "$work/links.csv"
 networks_file = "$work/networks.csv"
 [buffer]
 path = "/dev/shm/affgate-load-$$.ring"
-size_mb = 512
+size_mb = 1024
 spill_dir = "$work/spill"
 [delivery]
 collectors = ["127.0.0.1:$udp_port"]
@@ -94,10 +103,26 @@ TOML
 rm -f "/dev/shm/affgate-load-$$.ring"
 
 "$collector" --config "$work/collector.toml" migrate >/dev/null
-"$collector" --config "$work/collector.toml" >"$work/collector.out" 2>"$work/collector.log" &
-pids+=($!)
-"$edge" --config "$work/edge.toml" >"$work/edge.out" 2>"$work/edge.log" &
-pids+=($!)
+start_collector() {
+  "$collector" --config "$work/collector.toml" >"$work/collector.out" 2>"$work/collector.log" &
+  collector_pid=$!
+  pids+=("$collector_pid")
+  for _ in $(seq 1 100); do grep -q listening "$work/collector.out" 2>/dev/null && break; sleep 0.1; done
+  grep -q listening "$work/collector.out" || { echo "collector did not start: $(cat "$work/collector.log")" >&2; exit 1; }
+}
+[ -n "$backlog" ] || start_collector
+start_edge() {
+  "$edge" --config "$1" >"$work/edge.out" 2>"$work/edge.log" &
+  edge_pid=$!
+  pids+=("$edge_pid")
+}
+if [ -n "$backlog" ]; then
+  # The same edge without a collector: events stay in the ring.
+  sed '/^\[delivery\]/,/^collectors/d' "$work/edge.toml" >"$work/edge-fill.toml"
+  start_edge "$work/edge-fill.toml"
+else
+  start_edge "$work/edge.toml"
+fi
 for _ in $(seq 1 100); do grep -q listening "$work/edge.out" 2>/dev/null && break; sleep 0.1; done
 http=$(sed -n 's/.* http=\([^ ]*\).*/\1/p' "$work/edge.out")
 [ -n "$http" ] || { echo "edge did not start: $(cat "$work/edge.log")" >&2; exit 1; }
@@ -116,12 +141,24 @@ fi
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 hz=$(getconf CLK_TCK)
 ch_pid=$(pgrep -o -x clickhouse-server || pgrep -o -f 'clickhouse-server --config' || true)
-collector_pid=${pids[0]}
-c0=$(cpu_ticks "$collector_pid"); s0=$( [ -n "$ch_pid" ] && cpu_ticks "$ch_pid" || echo 0)
+if [ -z "$backlog" ]; then
+  c0=$(cpu_ticks "$collector_pid"); s0=$( [ -n "$ch_pid" ] && cpu_ticks "$ch_pid" || echo 0)
+fi
 
-echo "== wrk: ${secs}s, $conns connections, random slugs, edge at $http"
+echo "== wrk: ${secs}s, $conns connections, random slugs, edge at $http${backlog:+ (no collector yet: filling the ring)}"
 wrk -t1 -c"$conns" -d"${secs}s" --latency -s "$work/random.lua" "http://$http" | tee "$work/wrk.txt"
 stopped=$(date +%s%N)
+if [ -n "$backlog" ]; then
+  kill -TERM "$edge_pid"
+  wait "$edge_pid" || { echo "the filling edge did not stop cleanly: $(tail -3 "$work/edge.log")" >&2; exit 1; }
+  echo "== backlog of $(( $("$edge" --config "$work/edge.toml" ring inspect | sed -n 's/^next_seq: //p') - 1 )) clicks: starting the collector, then the edge on its ring"
+  s0=$( [ -n "$ch_pid" ] && cpu_ticks "$ch_pid" || echo 0)
+  stopped=$(date +%s%N)
+  start_collector
+  c0=$(cpu_ticks "$collector_pid")
+  start_edge "$work/edge.toml"
+  e0=0
+fi
 
 minted=$(( $("$edge" --config "$work/edge.toml" ring inspect | sed -n 's/^next_seq: //p') - 1 ))
 echo "== waiting for ClickHouse to hold all $minted clicks"
@@ -134,6 +171,7 @@ while :; do
 done
 drained=$(date +%s%N)
 c1=$(cpu_ticks "$collector_pid"); s1=$( [ -n "$ch_pid" ] && cpu_ticks "$ch_pid" || echo 0)
+[ -z "$backlog" ] || e1=$(cpu_ticks "$edge_pid")
 first_last=$(ch "SELECT min(received_ms), max(received_ms) FROM $db.clicks FORMAT TSV")
 lag=$(ch "SELECT arrayStringConcat(arrayMap(x -> toString(round(x)), quantiles(0.5, 0.9, 0.99, 0.999)(received_ms - ts_ms)), ' / ') FROM $db.clicks")
 distinct=$(ch "SELECT uniqExact(click_id) FROM $db.clicks")
@@ -171,12 +209,23 @@ echo
 echo "clicks minted (302s):            $minted"
 echo "clicks in ClickHouse (distinct): $distinct   (zero loss, zero extra)"
 echo "edge->ClickHouse rate:           $rate clicks/s (first to last arrival)"
-echo "drain after wrk stopped:         $(( (drained - stopped) / 1000000 )) ms"
+if [ -n "$backlog" ]; then
+  echo "drain from collector start:      $(( (drained - stopped) / 1000000 )) ms"
+  echo "edge CPU us/row while draining:  $(python3 -c "print(f'{($e1 - $e0) / $hz * 1e6 / $minted:.2f}')") (the flusher's side)"
+else
+  echo "drain after wrk stopped:         $(( (drained - stopped) / 1000000 )) ms"
+fi
 echo "delivery lag p50/p90/p99/p99.9:  $lag ms"
 echo "clickhouse-client ceiling:       $ceiling rows/s"
 echo "ratio (pipeline / ceiling):      $(python3 -c "print(f'{$rate/$ceiling:.2f}')")"
-echo "CPU us/row, collector + server:  $cpu_col + $cpu_srv (pipeline, while wrk ran and drained)"
+if [ -n "$backlog" ]; then span="from collector start to drained"; else span="while wrk ran and drained"; fi
+echo "CPU us/row, collector + server:  $cpu_col + $cpu_srv (pipeline, $span)"
 echo "CPU us/row, client + server:     $cpu_cli + $cpu_srv2 (clickhouse-client ceiling)"
 echo "CPU ratio (ceiling / pipeline):  $cpu_ratio (1.0 = the collector costs what clickhouse-client does)"
+metrics=$(sed -n 's/.* metrics=\([^ ]*\).*/\1/p' "$work/collector.out")
+if [ -n "$metrics" ]; then
+  echo "collector counters (/metrics):"
+  curl -fsS "http://$metrics/metrics" | grep -E '^affgate_collector_(datagrams_received|entries|duplicate_entries|clicks_written|windows_committed|windows_failed|datagrams_dropped)_total' | sed 's/^/  /'
+fi
 ch "DROP DATABASE IF EXISTS $db" >/dev/null
 rm -f "/dev/shm/affgate-load-$$.ring"

@@ -31,7 +31,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::sync::{mpsc, watch};
 
 use super::window::{Peer, Route};
-use super::{IngestStats, accept};
+use super::{IngestStats, Received, accept};
 use crate::config::QuicConfig;
 
 /// The application protocol both ends insist on.
@@ -175,7 +175,7 @@ pub fn endpoint(cfg: &QuicConfig, keys: &KeyRing) -> anyhow::Result<Endpoint> {
 pub async fn serve(
     endpoint: Endpoint,
     keys: KeyRing,
-    tx: mpsc::Sender<(Peer, Vec<u8>)>,
+    tx: mpsc::Sender<Received>,
     stats: Arc<IngestStats>,
     conns: Connections,
     mut shutdown: watch::Receiver<bool>,
@@ -205,7 +205,7 @@ pub async fn serve(
 async fn connection(
     incoming: quinn::Incoming,
     keys: KeyRing,
-    tx: mpsc::Sender<(Peer, Vec<u8>)>,
+    tx: mpsc::Sender<Received>,
     stats: Arc<IngestStats>,
     conns: Connections,
 ) {
@@ -248,7 +248,7 @@ async fn read_stream(
     mut recv: quinn::RecvStream,
     id: usize,
     keys: KeyRing,
-    tx: mpsc::Sender<(Peer, Vec<u8>)>,
+    tx: mpsc::Sender<Received>,
     stats: Arc<IngestStats>,
 ) {
     match recv.read_to_end(MAX_STREAM_BYTES).await {

@@ -116,14 +116,15 @@ impl Window {
         }
     }
 
-    /// Add an opened (MAC-verified) batch body from `peer`. `healthy`: the
-    /// last commit succeeded (probes are answered only then).
+    /// Add an opened (MAC-verified) batch body from `peer`, received at
+    /// `received`: the window's age counts from its oldest batch. `healthy`:
+    /// the last commit succeeded (probes are answered only then).
     pub fn add_batch(
         &mut self,
         peer: Peer,
         body: &[u8],
         healthy: bool,
-        now: Instant,
+        received: Instant,
     ) -> Result<usize, BatchError> {
         let mut slice = body;
         let msg = capnp::serialize::read_message_from_flat_slice(&mut slice, reader_options())?;
@@ -157,7 +158,7 @@ impl Window {
             self.probes += 1;
             if healthy {
                 self.acks.entry(peer).or_default();
-                self.opened.get_or_insert(now);
+                self.open_at(received);
             }
             return Ok(0);
         }
@@ -180,18 +181,25 @@ impl Window {
             }
             added += 1;
         }
-        self.opened.get_or_insert(now);
+        self.open_at(received);
         Ok(added)
+    }
+
+    /// The window is as old as the oldest batch in it.
+    fn open_at(&mut self, received: Instant) {
+        self.opened = Some(self.opened.map_or(received, |t| t.min(received)));
+    }
+
+    /// Rows reached the bound: due whatever its age.
+    pub fn is_full(&self) -> bool {
+        self.clicks.len() + self.postbacks.len() >= self.max_rows
     }
 
     /// Time to write: rows reached the bound, or the first batch is older than max_age.
     pub fn is_due(&self, now: Instant) -> bool {
         match self.opened {
             None => false,
-            Some(t) => {
-                self.clicks.len() + self.postbacks.len() >= self.max_rows
-                    || now.duration_since(t) >= self.max_age
-            }
+            Some(t) => self.is_full() || now.duration_since(t) >= self.max_age,
         }
     }
 
@@ -333,6 +341,34 @@ mod tests {
         assert_eq!(t.acks, vec![(peer(1), vec![(5, 6)])]);
         assert!(w.is_empty());
         assert_eq!(w.duplicates, 2);
+    }
+
+    #[test]
+    fn age_counts_from_the_oldest_receipt_and_rows_fill_it() {
+        let mut w = Window::new(Duration::from_millis(10), 3);
+        let t0 = Instant::now();
+        // A batch received at t0 + 5 ms is added first, one received at t0
+        // (it waited in the queue) second: the window is as old as t0.
+        w.add_batch(
+            peer(1),
+            &batch_body(1, &[(2, click("b"))]),
+            true,
+            t0 + Duration::from_millis(5),
+        )
+        .unwrap();
+        assert!(!w.is_due(t0 + Duration::from_millis(9)));
+        w.add_batch(peer(1), &batch_body(1, &[(1, click("a"))]), true, t0)
+            .unwrap();
+        assert_eq!(w.deadline(), Some(t0 + Duration::from_millis(10)));
+        assert!(
+            w.is_due(t0 + Duration::from_millis(10)),
+            "due by the older receipt"
+        );
+        assert!(!w.is_full());
+        w.add_batch(peer(1), &batch_body(1, &[(3, click("c"))]), true, t0)
+            .unwrap();
+        assert!(w.is_full(), "three rows fill a window of three");
+        assert!(w.is_due(t0), "a full window is due at once");
     }
 
     #[test]
