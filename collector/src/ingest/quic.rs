@@ -30,7 +30,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::sync::{mpsc, watch};
 
-use super::window::{Peer, Route};
+use super::window::Route;
 use super::{IngestStats, Received, accept};
 use crate::config::QuicConfig;
 
