@@ -163,7 +163,18 @@ fi
 minted=$(( $("$edge" --config "$work/edge.toml" ring inspect | sed -n 's/^next_seq: //p') - 1 ))
 echo "== waiting for ClickHouse to hold all $minted clicks"
 deadline=$(( $(date +%s) + 300 ))
+# While it drains: the collector's last window (rows, commit seconds) and
+# the edge's records in flight, sampled with each poll.
+collector_metrics=$(sed -n 's/.* metrics=\([^ ]*\).*/\1/p' "$work/collector.out")
+edge_metrics=$(sed -n 's/.* metrics=\([^ ]*\).*/\1/p' "$work/edge.out")
+sample() {
+  local c e
+  c=$(curl -fsS "http://$collector_metrics/metrics" 2>/dev/null | awk '/^affgate_collector_window_rows /{r=$2} /^affgate_collector_commit_seconds /{s=$2} END{print r+0, s+0}')
+  e=$(curl -fsS "http://$edge_metrics/metrics" 2>/dev/null | awk '/^affgate_edge_delivery_in_flight_records /{print $2+0}')
+  echo "$c ${e:-0}" >>"$work/samples"
+}
 while :; do
+  [ -z "$collector_metrics" ] || [ -z "$edge_metrics" ] || sample
   n=$(ch "SELECT count() FROM $db.clicks FINAL")
   [ "$n" -ge "$minted" ] && break
   [ "$(date +%s)" -lt "$deadline" ] || { echo "only $n of $minted clicks after 300 s" >&2; exit 1; }
@@ -222,10 +233,19 @@ if [ -n "$backlog" ]; then span="from collector start to drained"; else span="wh
 echo "CPU us/row, collector + server:  $cpu_col + $cpu_srv (pipeline, $span)"
 echo "CPU us/row, client + server:     $cpu_cli + $cpu_srv2 (clickhouse-client ceiling)"
 echo "CPU ratio (ceiling / pipeline):  $cpu_ratio (1.0 = the collector costs what clickhouse-client does)"
-metrics=$(sed -n 's/.* metrics=\([^ ]*\).*/\1/p' "$work/collector.out")
-if [ -n "$metrics" ]; then
+if [ -s "$work/samples" ]; then
+  python3 - "$work/samples" <<'PY'
+import statistics, sys
+rows = [tuple(float(x) for x in l.split()) for l in open(sys.argv[1]) if l.strip()]
+w, c, f = ([r[i] for r in rows] for i in range(3))
+m = statistics.median
+print(f"sampled while draining ({len(rows)}x): last window rows median {m(w):.0f} max {max(w):.0f}; "
+      f"its commit median {m(c)*1000:.0f} ms max {max(c)*1000:.0f} ms; edge records in flight median {m(f):.0f} max {max(f):.0f}")
+PY
+fi
+if [ -n "$collector_metrics" ]; then
   echo "collector counters (/metrics):"
-  curl -fsS "http://$metrics/metrics" | grep -E '^affgate_collector_(datagrams_received|entries|duplicate_entries|clicks_written|windows_committed|windows_failed|datagrams_dropped)_total' | sed 's/^/  /'
+  curl -fsS "http://$collector_metrics/metrics" | grep -E '^affgate_collector_(datagrams_received|entries|duplicate_entries|clicks_written|windows_committed|windows_failed|datagrams_dropped)_total' | sed 's/^/  /'
 fi
 ch "DROP DATABASE IF EXISTS $db" >/dev/null
 rm -f "/dev/shm/affgate-load-$$.ring"
