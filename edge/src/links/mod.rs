@@ -6,12 +6,16 @@
 //!   a file that does not parse is refused and the old contents keep serving);
 //! - `redis`: the control plane's layout (DESIGN.md "Redis layout"): a full
 //!   load at start and after every reconnect, single keys from the
-//!   `affgate:changes` channel, one bounded GET on a miss.
+//!   `affgate:changes` channel, one bounded GET on a miss. The full load's
+//!   links come over a plain connection of their own (`bulk`), their
+//!   replies read in place (`resp`).
 //!
 //! Tokens are held only as keyed hashes (`keys::token_hash`), as in Redis.
 
+pub mod bulk;
 pub mod file;
 pub mod redis;
+pub mod resp;
 pub mod template;
 
 use std::hash::{BuildHasher, Hasher};
@@ -260,35 +264,27 @@ impl LinkCache {
 
     /// Replace everything with `snap`: entries missing from it are removed.
     pub fn replace(&self, snap: Snapshot) {
-        if self.links.is_empty() {
+        let mut load = self.begin_load();
+        for (slug, link) in snap.links {
+            load.link(slug, link);
+        }
+        load.finish(snap.offers, snap.tokens);
+    }
+
+    /// Start a full load that puts links in as they are read, rather than
+    /// all at once from a [`Snapshot`] at the end: a million links inserted
+    /// while Redis is still answering cost no time of their own, and no
+    /// vector of all of them is held. Links not given by
+    /// [`FullLoad::finish`] are removed then; a load dropped unfinished
+    /// (Redis failed mid-way) removes nothing, and leaves what it put in:
+    /// each is what Redis held when it was read.
+    pub fn begin_load(&self) -> FullLoad<'_> {
+        FullLoad {
+            cache: self,
             // The first load (or after everything was removed): nothing to
-            // drop, so no set of the snapshot's slugs to build.
-            for (slug, link) in snap.links {
-                self.links.insert(slug, Box::new(link));
-            }
-        } else {
-            let mut slugs = std::collections::HashSet::with_capacity(snap.links.len());
-            for (slug, link) in snap.links {
-                slugs.insert(slug.clone());
-                // A full load is authoritative: replace regardless of version.
-                self.links.insert(slug, Box::new(link));
-            }
-            self.links.retain(|k, _| slugs.contains(k));
+            // drop, so no set of the loaded slugs to build.
+            seen: (!self.links.is_empty()).then(std::collections::HashSet::new),
         }
-        let offer_ids: std::collections::HashSet<u64> =
-            snap.offers.iter().map(|(id, _)| *id).collect();
-        for (id, o) in snap.offers {
-            self.offers.insert(id, o);
-        }
-        self.offers.retain(|k, _| offer_ids.contains(k));
-        let hashes: std::collections::HashSet<String> =
-            snap.tokens.iter().map(|(h, _)| h.clone()).collect();
-        for (h, n) in snap.tokens {
-            self.tokens.insert(h, n);
-        }
-        self.tokens.retain(|k, _| hashes.contains(k));
-        self.loaded.store(true, Ordering::Release);
-        self.reloads_ok.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn note_reload_failed(&self) {
@@ -308,6 +304,48 @@ impl LinkCache {
             reloads_ok: self.reloads_ok.load(Ordering::Relaxed),
             reloads_failed: self.reloads_failed.load(Ordering::Relaxed),
         }
+    }
+}
+
+/// A full load under way (see [`LinkCache::begin_load`]).
+#[derive(Debug)]
+pub struct FullLoad<'a> {
+    cache: &'a LinkCache,
+    /// Slugs loaded so far, when there are cached links the load may have
+    /// to remove.
+    seen: Option<std::collections::HashSet<Box<str>>>,
+}
+
+impl FullLoad<'_> {
+    /// Insert or replace a link. A full load is authoritative: the cached
+    /// link is replaced whatever its version.
+    pub fn link(&mut self, slug: Box<str>, link: Link) {
+        if let Some(seen) = &mut self.seen {
+            seen.insert(slug.clone());
+        }
+        self.cache.links.insert(slug, Box::new(link));
+    }
+
+    /// End the load: drop the links it did not give, replace the offers
+    /// and tokens, and mark the cache loaded.
+    pub fn finish(self, offers: Vec<(u64, Offer)>, tokens: Vec<(String, u64)>) {
+        let cache = self.cache;
+        if let Some(seen) = self.seen {
+            cache.links.retain(|k, _| seen.contains(k));
+        }
+        let offer_ids: std::collections::HashSet<u64> = offers.iter().map(|(id, _)| *id).collect();
+        for (id, o) in offers {
+            cache.offers.insert(id, o);
+        }
+        cache.offers.retain(|k, _| offer_ids.contains(k));
+        let hashes: std::collections::HashSet<String> =
+            tokens.iter().map(|(h, _)| h.clone()).collect();
+        for (h, n) in tokens {
+            cache.tokens.insert(h, n);
+        }
+        cache.tokens.retain(|k, _| hashes.contains(k));
+        cache.loaded.store(true, Ordering::Release);
+        cache.reloads_ok.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -372,6 +410,34 @@ mod tests {
         assert_eq!(c.with_link("kept", |l| l.link_id), Some(2));
         assert_eq!(c.network_for_token_hash("h1"), None);
         assert_eq!(c.network_for_token_hash("h2"), Some(2));
+    }
+
+    #[test]
+    fn an_unfinished_load_removes_nothing_and_a_finished_one_drops_the_rest() {
+        let c = LinkCache::new();
+        c.replace(Snapshot {
+            links: vec![("a".into(), link(1, 9)), ("b".into(), link(2, 1))],
+            offers: vec![],
+            tokens: vec![("h".into(), 1)],
+        });
+        {
+            let mut load = c.begin_load();
+            load.link("a".into(), link(3, 1));
+            // Dropped: Redis failed mid-way.
+        }
+        assert_eq!(
+            c.with_link("a", |l| l.link_id),
+            Some(3),
+            "a full load replaces whatever the version"
+        );
+        assert_eq!(c.with_link("b", |l| l.link_id), Some(2), "nothing removed");
+        assert_eq!(c.network_for_token_hash("h"), Some(1), "tokens untouched");
+        let mut load = c.begin_load();
+        load.link("c".into(), link(4, 1));
+        load.link("c".into(), link(4, 1)); // SCAN may repeat a key
+        load.finish(vec![], vec![]);
+        assert_eq!(c.counts().links, 1, "only c is left");
+        assert_eq!(c.network_for_token_hash("h"), None);
     }
 
     #[test]

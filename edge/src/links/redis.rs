@@ -28,7 +28,7 @@ use redis::aio::MultiplexedConnection;
 use tokio::sync::{Notify, watch};
 
 use super::{
-    Link, LinkCache, LinkStatus, Offer, OfferStatus, Snapshot, Template, valid_redirect_code,
+    FullLoad, Link, LinkCache, LinkStatus, Offer, OfferStatus, Template, valid_redirect_code,
     valid_url,
 };
 
@@ -215,12 +215,14 @@ impl RedisLinks {
         .await
         .context("connect")?;
         let started = std::time::Instant::now();
-        let snap = load_all(&mut conn).await.context("full load")?;
+        let load = load_all(&self.cache, self.client.get_connection_info(), &mut conn)
+            .await
+            .context("full load")?;
         // The miss connection goes live before the cache says "loaded", so a
         // miss right after /readyz turns 200 is looked up, not sent to the fallback.
         self.set_conn(Some(conn.clone()));
         self.up.store(true, Ordering::Relaxed);
-        self.cache.replace(snap);
+        load.finish();
         tracing::info!(
             links = self.cache.counts().links,
             ms = started.elapsed().as_millis() as u64,
@@ -238,8 +240,10 @@ impl RedisLinks {
                     apply_change(&self.cache, &mut conn, &payload).await?;
                 }
                 _ = self.reload.notified() => {
-                    let snap = load_all(&mut conn).await.context("reload")?;
-                    self.cache.replace(snap);
+                    load_all(&self.cache, self.client.get_connection_info(), &mut conn)
+                        .await
+                        .context("reload")?
+                        .finish();
                     tracing::info!("links reloaded from redis");
                 }
                 _ = shutdown.changed() => return Ok(()),
@@ -345,10 +349,41 @@ async fn scan_step(
     .await
 }
 
-/// Keys asked per SCAN call; each batch's hashes are fetched in one
-/// pipeline and parsed before the next SCAN, so only one batch of raw
-/// hashes is ever in memory.
-const SCAN_COUNT: usize = 2000;
+/// Every link through redis-rs, for addresses `links::bulk` does not
+/// serve (TLS): batch by batch, the next batch fetched while one is parsed.
+async fn load_links_redis_rs(
+    conn: &mut MultiplexedConnection,
+) -> anyhow::Result<Vec<(Box<str>, Link)>> {
+    let mut links = Vec::new();
+    // The next batch is fetched (on another task, over the same
+    // multiplexed connection) while this one is parsed.
+    let mut pending = tokio::spawn(fetch_links(conn.clone(), 0));
+    loop {
+        let (next, keys, values) = match (&mut pending).await {
+            Ok(r) => r?,
+            Err(e) => bail!("link batch task failed: {e}"),
+        };
+        if next != 0 {
+            pending = tokio::spawn(fetch_links(conn.clone(), next));
+        }
+        for (key, values) in keys.iter().zip(values) {
+            let slug = &key[LINK_PREFIX.len()..];
+            if values.iter().all(Option::is_none) {
+                continue; // deleted between SCAN and HMGET
+            }
+            match parse_link(&LinkFields(values)) {
+                Ok(link) => links.push((slug.into(), link)),
+                Err(reason) => tracing::warn!(key, reason, "skipping unusable link hash"),
+            }
+        }
+        if next == 0 {
+            return Ok(links);
+        }
+    }
+}
+
+/// Keys asked per SCAN call.
+const SCAN_COUNT: usize = super::bulk::SCAN_COUNT;
 
 async fn hgetall_many(
     conn: &mut MultiplexedConnection,
@@ -385,39 +420,32 @@ async fn fetch_links(
     Ok((next, keys, values))
 }
 
-/// Read every link, offer and token.
+/// Read every link, offer and token into `cache`: links go in as they are
+/// read, offers and tokens and the removal of what Redis no longer holds
+/// wait for [`Loaded::finish`]. An error leaves the cache serving: nothing
+/// is removed, and the links already read are Redis's own.
 ///
-/// Links are read batch by batch (SCAN, then one pipeline of HMGET for
-/// the batch, parsed at once), so memory peaks at the parsed links plus one
-/// batch, not at every raw hash at once: with a million links the raw
-/// hashes alone would be several hundred MB the allocator keeps.
-pub async fn load_all(conn: &mut MultiplexedConnection) -> anyhow::Result<Snapshot> {
-    let mut snap = Snapshot::default();
-    // The next batch is fetched (on another task, over the same
-    // multiplexed connection) while this one is parsed.
-    let mut pending = tokio::spawn(fetch_links(conn.clone(), 0));
-    loop {
-        let (next, keys, values) = match (&mut pending).await {
-            Ok(r) => r?,
-            Err(e) => bail!("link batch task failed: {e}"),
-        };
-        if next != 0 {
-            pending = tokio::spawn(fetch_links(conn.clone(), next));
-        }
-        for (key, values) in keys.iter().zip(values) {
-            let slug = &key[LINK_PREFIX.len()..];
-            if values.iter().all(Option::is_none) {
-                continue; // deleted between SCAN and HMGET
-            }
-            match parse_link(&LinkFields(values)) {
-                Ok(link) => snap.links.push((slug.into(), link)),
-                Err(reason) => tracing::warn!(key, reason, "skipping unusable link hash"),
-            }
-        }
-        if next == 0 {
-            break;
+/// Links come over a plain connection of their own (`links::bulk`: RESP
+/// read in place, batch by batch, so memory peaks at the links plus about
+/// two batches of replies); only for an address that needs TLS do they
+/// come through redis-rs ([`load_links_redis_rs`]). Offers and tokens, a
+/// few hundred keys, always come through `conn`.
+pub async fn load_all<'c>(
+    cache: &'c LinkCache,
+    info: &redis::ConnectionInfo,
+    conn: &mut MultiplexedConnection,
+) -> anyhow::Result<Loaded<'c>> {
+    let mut load = cache.begin_load();
+    let bulk = super::bulk::load_links(info, COMMAND_TIMEOUT, |slug, link| load.link(slug, link))
+        .await
+        .context("links")?;
+    if !bulk {
+        for (slug, link) in load_links_redis_rs(conn).await.context("links")? {
+            load.link(slug, link);
         }
     }
+    let mut offers = Vec::new();
+    let mut tokens = Vec::new();
     // SCAN may return a key twice: the cache keeps one (the same hash).
     let offer_keys = scan(conn, OFFER_PREFIX).await?;
     for (key, fields) in offer_keys
@@ -432,7 +460,7 @@ pub async fn load_all(conn: &mut MultiplexedConnection) -> anyhow::Result<Snapsh
             continue;
         }
         match parse_offer(&fields) {
-            Ok(o) => snap.offers.push((id, o)),
+            Ok(o) => offers.push((id, o)),
             Err(reason) => tracing::warn!(key, reason, "skipping unusable offer hash"),
         }
     }
@@ -442,12 +470,32 @@ pub async fn load_all(conn: &mut MultiplexedConnection) -> anyhow::Result<Snapsh
             timed(redis::cmd("MGET").arg(chunk).query_async(conn)).await?;
         for (key, v) in chunk.iter().zip(values) {
             if let Some(Ok(network)) = v.as_deref().map(str::parse::<u64>) {
-                snap.tokens
-                    .push((key[TOKEN_PREFIX.len()..].to_string(), network));
+                tokens.push((key[TOKEN_PREFIX.len()..].to_string(), network));
             }
         }
     }
-    Ok(snap)
+    Ok(Loaded {
+        load,
+        offers,
+        tokens,
+    })
+}
+
+/// A full load read to the end, waiting to be made the cache's contents.
+#[derive(Debug)]
+#[must_use = "the load is only complete once finished"]
+pub struct Loaded<'c> {
+    load: FullLoad<'c>,
+    offers: Vec<(u64, Offer)>,
+    tokens: Vec<(String, u64)>,
+}
+
+impl Loaded<'_> {
+    /// Drop the links Redis no longer holds, replace offers and tokens,
+    /// and mark the cache loaded.
+    pub fn finish(self) {
+        self.load.finish(self.offers, self.tokens);
+    }
 }
 
 /// Read access to a hash's fields, by name: an HGETALL map, or the fixed
@@ -463,7 +511,7 @@ impl Fields for HashMap<String, String> {
 }
 
 /// The fields a link hash may have, in the order a bulk load asks for them.
-const LINK_FIELDS: [&str; 9] = [
+pub const LINK_FIELDS: [&str; 9] = [
     "link_id",
     "destination",
     "status",
