@@ -297,18 +297,8 @@ fn bulk(out: &mut Vec<u8>, arg: &[u8]) {
 }
 
 /// `n` in decimal, without `format!` (one per link on a bulk load).
-fn decimal(out: &mut Vec<u8>, mut n: usize) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[i..]);
+fn decimal(out: &mut Vec<u8>, n: usize) {
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
 }
 
 /// Every link, read over a connection of its own to the server `info`
