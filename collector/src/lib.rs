@@ -43,9 +43,6 @@ use tokio::task::JoinHandle;
 
 use crate::config::Config;
 
-/// Receive buffer asked for the UDP ingest socket, bytes.
-const UDP_RECV_BUFFER: usize = 8 << 20;
-
 /// A running collector.
 #[derive(Debug)]
 pub struct Collector {
@@ -130,13 +127,6 @@ impl Collector {
                     .with_context(|| format!("bind [ingest] udp_listen {listen}"))?,
             );
             udp_addr = Some(sock.local_addr()?);
-            // An edge sends its backlog in bursts of thousands of datagrams;
-            // the default buffer (about 200 KiB) would drop most of a burst
-            // whenever the receiver is off the CPU. Best effort: the kernel
-            // caps it at net.core.rmem_max.
-            if let Err(e) = socket2::SockRef::from(&*sock).set_recv_buffer_size(UDP_RECV_BUFFER) {
-                tracing::warn!(error = %e, "could not enlarge the UDP receive buffer");
-            }
             acks.udp = Some(sock.clone());
             tasks.push(tokio::spawn(ingest::receive(
                 sock,

@@ -113,7 +113,7 @@ pub const FAILOVER_AFTER: Duration = Duration::from_secs(1);
 /// While failed over, probe collector 0 this often.
 pub const PROBE_EVERY: Duration = Duration::from_secs(2);
 /// Default bound on records held (sent and not yet acknowledged).
-pub const MAX_IN_FLIGHT: usize = 32_768;
+pub const MAX_IN_FLIGHT: usize = 16_384;
 /// Bounds of the jitter factor [`Outbox::set_jitter`] accepts.
 pub const JITTER_MIN: f64 = 0.8;
 pub const JITTER_MAX: f64 = 1.2;
@@ -161,7 +161,7 @@ pub struct OutboxConfig {
     /// Probe interval towards collector 0 while failed over (default 2 s; at
     /// least 1 ms).
     pub probe_every: Duration,
-    /// Bound [`Outbox::room`] reports against (default 32768).
+    /// Bound [`Outbox::room`] reports against (default 16384).
     pub max_in_flight: usize,
 }
 
