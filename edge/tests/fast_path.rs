@@ -4,16 +4,13 @@
 //! a hyper-bound request pipelined after a fast one), shutdown, and a table
 //! of requests answered alike by the fast path and by hyper alone.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use affgate_edge::http::{App, hyper_service, serve_plain};
-use affgate_edge::links::{LinkCache, Snapshot};
-use affgate_edge::ring::{Ring, RingConfig};
-use affgate_edge::telemetry::Metrics;
-use affgate_schema::keys::{KeyRing, Keys, Secret};
 use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -37,45 +34,14 @@ struct Server {
 
 async fn server() -> Server {
     let dir = tempfile::tempdir().expect("tempdir");
-    let ring = Ring::open(&RingConfig {
-        path: dir.path().join("edge.ring"),
-        size_bytes: 16 << 20,
-        spill_dir: dir.path().join("spill"),
-    })
-    .expect("open ring");
-    let csv = dir.path().join("links.csv");
-    std::fs::write(
-        &csv,
+    let app = Arc::new(common::app(
+        dir.path(),
+        16 << 20,
         "slug,link_id,destination\n\
          abc,7,https://m.example/p?c={click_id}&s={sub1}\n\
          plain,8,https://m.example/plain\n",
-    )
-    .expect("write links");
-    let nets = dir.path().join("networks.csv");
-    std::fs::write(
-        &nets,
-        "network_id,name,postback_token\n3,net,tok-secret-1\n",
-    )
-    .expect("write networks");
-    let keys = Keys::derive(&Secret::from_bytes([9; 32]));
-    let snap: Snapshot =
-        affgate_edge::links::file::load(&csv, Some(&nets), &keys).expect("links file loads");
-    let links = LinkCache::new();
-    links.replace(snap);
-    let app = Arc::new(App {
-        edge_id: 1,
-        keys: KeyRing::new(keys),
-        ring: Arc::new(ring),
-        links: Arc::new(links),
-        redis: None,
-        metrics: Arc::new(Metrics::default()),
-        fallback_url: None,
-        trust_forwarded_for: false,
-        max_body_bytes: 16384,
-        ring_ok: AtomicBool::new(true),
-        boot_nonce: 1,
-        delivery: Arc::default(),
-    });
+        Some("network_id,name,postback_token\n3,net,tok-secret-1\n"),
+    ));
     let (tx, rx) = watch::channel(false);
     let graceful = Arc::new(GracefulShutdown::new());
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");

@@ -11,17 +11,13 @@
 //!
 //! A counting global allocator is process-wide, so this file holds one test.
 
+mod common;
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use affgate_edge::http::App;
 use affgate_edge::http::fast::{Step, answer_one};
-use affgate_edge::links::{LinkCache, Snapshot};
-use affgate_edge::ring::{Ring, RingConfig};
-use affgate_edge::telemetry::Metrics;
-use affgate_schema::keys::{KeyRing, Keys, Secret};
 
 struct Counting;
 
@@ -53,37 +49,12 @@ static GLOBAL: Counting = Counting;
 #[test]
 fn a_fast_path_redirect_allocates_only_capnps_segment_table() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let ring = Ring::open(&RingConfig {
-        path: dir.path().join("edge.ring"),
-        size_bytes: 64 << 20,
-        spill_dir: dir.path().join("spill"),
-    })
-    .expect("open ring");
-    let links = LinkCache::new();
-    let csv = dir.path().join("links.csv");
-    std::fs::write(
-        &csv,
+    let app = common::app(
+        dir.path(),
+        64 << 20,
         "slug,link_id,destination\nabc,7,https://m.example/p?c={click_id}&s={sub1}&a={affiliate_id}\n",
-    )
-    .expect("write links");
-    let keys = Keys::derive(&Secret::from_bytes([9; 32]));
-    let snap: Snapshot =
-        affgate_edge::links::file::load(&csv, None, &keys).expect("links file loads");
-    links.replace(snap);
-    let app = App {
-        edge_id: 1,
-        keys: KeyRing::new(keys),
-        ring: Arc::new(ring),
-        links: Arc::new(links),
-        redis: None,
-        metrics: Arc::new(Metrics::default()),
-        fallback_url: None,
-        trust_forwarded_for: false,
-        max_body_bytes: 16384,
-        ring_ok: AtomicBool::new(true),
-        boot_nonce: 1,
-        delivery: Arc::default(),
-    };
+        None,
+    );
     let peer: SocketAddr = "203.0.113.7:40000".parse().expect("addr");
     // What wrk or a browser sends: a slug, a sub, a few headers.
     let request: &[u8] = b"GET /c/abc?sub1=s1 HTTP/1.1\r\nHost: edge.example\r\n\
