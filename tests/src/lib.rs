@@ -43,12 +43,33 @@ pub fn wait_for<T>(what: &str, deadline: Duration, mut f: impl FnMut() -> Option
     }
 }
 
-/// A port nobody listens on right now.
+/// A port for a server a test starts (or restarts) later, free for both TCP
+/// and UDP on 127.0.0.1 right now.
+///
+/// Ports come from below the kernel's ephemeral range (32768-60999 on
+/// Linux), so no socket bound to port 0 (an edge's sender, a client
+/// connection) can take one between reservation and use; each process walks
+/// its own stretch of the range and never hands out a port twice.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind an ephemeral port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 10_000;
+    const SPAN: u32 = 22_000; // 10000..32000
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    if NEXT.load(Ordering::Relaxed) == u32::MAX {
+        // A different starting point per test binary run.
+        let seed = std::process::id().wrapping_mul(2_654_435_761) % SPAN;
+        let _ = NEXT.compare_exchange(u32::MAX, seed, Ordering::Relaxed, Ordering::Relaxed);
+    }
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = u16::try_from(LOW + n % SPAN).expect("ports below 32000 fit a u16");
+        let free = TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok();
+        if free {
+            return port;
+        }
+    }
+    panic!("no free port in 10000..32000 on 127.0.0.1");
 }
 
 /// Path of a workspace binary, next to the test executable's `deps/` dir.
@@ -909,12 +930,9 @@ pub struct CollectorProc {
     _tmp: tempfile::TempDir,
 }
 
-/// A UDP port nobody is bound to right now on 127.0.0.1.
+/// A UDP port nobody is bound to right now on 127.0.0.1 (see [`free_port`]).
 pub fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .map(|a| a.port())
-        .expect("bind an ephemeral UDP port")
+    free_port()
 }
 
 /// The edge's `[delivery]` table for these collectors (for `EdgeOpts::extra_toml`).
