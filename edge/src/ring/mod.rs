@@ -257,11 +257,10 @@ impl Ring {
             .truncate(false)
             .open(&path)
             .map_err(open_err)?;
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(TryLockError::WouldBlock) => return Err(RingError::Locked { path }),
-            Err(TryLockError::Error(error)) => return Err(open_err(error)),
-        }
+        lock_briefly(&file).map_err(|e| match e {
+            TryLockError::WouldBlock => RingError::Locked { path: path.clone() },
+            TryLockError::Error(error) => open_err(error),
+        })?;
         let fresh = prepare_file(&file, &path, cap)?;
         let map = MmapOptions::new()
             .len(
@@ -477,6 +476,25 @@ impl Ring {
         Some(Consumer::new(self))
     }
 }
+
+/// Take the ring file's exclusive lock, waiting up to [`LOCK_WAIT`] for a
+/// holder that is going away: a previous edge still exiting, or a copy of
+/// the descriptor a child process holds between fork and exec (its
+/// close-on-exec closes it a moment later).
+fn lock_briefly(file: &File) -> Result<(), TryLockError> {
+    let start = std::time::Instant::now();
+    loop {
+        match file.try_lock() {
+            Err(TryLockError::WouldBlock) if start.elapsed() < LOCK_WAIT => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// How long [`Ring::open`] waits for another holder of the lock to let go.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Check an existing ring file against the config, or size a new one.
 /// Returns whether the header page must be written.
