@@ -441,6 +441,18 @@ fn render_delivery(d: &DeliveryStats, out: &mut String) {
     );
     gauge(
         out,
+        "affgate_edge_delivery_rtt_seconds",
+        "Smoothed round trip from send to ack (0 before the first ack).",
+        s.srtt.unwrap_or_default().as_secs_f64(),
+    );
+    gauge(
+        out,
+        "affgate_edge_delivery_first_resend_seconds",
+        "Delay before a record's first resend: 0.5 s, or the round trip's timeout when longer.",
+        s.first_resend.as_secs_f64(),
+    );
+    gauge(
+        out,
         "affgate_edge_delivery_current_collector",
         "Index of the collector records go to.",
         s.current_collector as f64,

@@ -60,10 +60,18 @@
 //! # Backoff
 //!
 //! After the k-th send of a record (k >= 1), its resend deadline is
-//! `now + min(resend_initial * 2^(k-1), resend_max) * jitter`, jitter being
-//! the factor last given to [`Outbox::set_jitter`] (0.8..=1.2, default 1.0).
+//! `now + min(first * 2^(k-1), resend_max) * jitter`, jitter being the
+//! factor last given to [`Outbox::set_jitter`] (0.8..=1.2, default 1.0).
 //! The shell draws a fresh uniform factor before each poll; all records of a
 //! datagram share it (they share their fate on the wire anyway).
+//!
+//! `first` is `resend_initial`, or the measured round trip's timeout when
+//! that is longer: `srtt + 4 * rttvar` (RFC 6298's estimator), capped at
+//! `resend_max`. The round trip includes the collector's insert, which grows
+//! with its window; a fixed 500 ms would resend whole windows that are only
+//! slow, not lost. Samples follow Karn's rule: only records sent once are
+//! timed (a resent record's ack cannot tell which send it answers), and each
+//! ack gives one sample, its slowest such record's `now - sent`.
 //!
 //! # Failover
 //!
@@ -226,6 +234,10 @@ pub struct OutboxStats {
     pub bad_acks: u64,
     /// Collector index records go to now.
     pub current_collector: usize,
+    /// Smoothed round trip from send to ack (`None` before the first sample).
+    pub srtt: Option<Duration>,
+    /// Delay before a record's first resend (see "Backoff").
+    pub first_resend: Duration,
     /// Ring timestamp of the oldest record held (the delivery lag's start).
     pub oldest_in_flight_ts_ms: Option<u64>,
 }
@@ -335,6 +347,8 @@ pub struct Outbox {
     next_probe: Option<Instant>,
     jitter: f64,
     nonce: u64,
+    /// Round-trip estimate from acks (see "Backoff").
+    rtt: Option<Rtt>,
     stats: OutboxStats,
     /// Scratch, reused: an aligned copy of unaligned input, the encoded
     /// body, the seqs of the batch being built.
@@ -381,6 +395,7 @@ impl Outbox {
             next_probe: None,
             jitter: 1.0,
             nonce: 0,
+            rtt: None,
             stats: OutboxStats::default(),
             aligned: Vec::new(),
             body: Vec::new(),
@@ -578,14 +593,25 @@ impl Outbox {
         }
         // Checked as a whole: now apply.
         let mut locs = Vec::new();
+        let mut sample: Option<Duration> = None;
         for r in ranges {
             let (first, last) = (r.get_first(), r.get_last());
             // `first <= last` was checked above, so `range` cannot panic.
             loop {
                 let next = self.slots.range(first..=last).next().map(|(&s, _)| s);
                 let Some(seq) = next else { break };
-                locs.push(self.remove(seq).rec.loc);
+                let slot = self.remove(seq);
+                if slot.attempts == 1
+                    && let Some((_, sent)) = slot.sent
+                {
+                    let rtt = now.saturating_duration_since(sent);
+                    sample = Some(sample.map_or(rtt, |s| s.max(rtt)));
+                }
+                locs.push(slot.rec.loc);
             }
+        }
+        if let Some(rtt) = sample {
+            self.rtt = Some(self.rtt.map_or_else(|| Rtt::first(rtt), |e| e.update(rtt)));
         }
         if self.due.is_empty() {
             self.due_since = None;
@@ -629,8 +655,17 @@ impl Outbox {
             due: self.due.len(),
             current_collector: self.current,
             oldest_in_flight_ts_ms: self.slots.values().map(|s| s.rec.ts_ms).min(),
+            srtt: self.rtt.map(|r| r.srtt),
+            first_resend: self.first_resend(),
             ..self.stats.clone()
         }
+    }
+
+    /// Delay before a record's first resend: `resend_initial`, or the
+    /// round trip's timeout when longer, at most `resend_max`.
+    fn first_resend(&self) -> Duration {
+        let rto = self.rtt.map_or(Duration::ZERO, Rtt::timeout);
+        self.cfg.resend_initial.max(rto).min(self.cfg.resend_max)
     }
 
     fn slot(&self, seq: u64) -> &Slot {
@@ -683,7 +718,7 @@ impl Outbox {
     fn mark_sent(&mut self, seq: u64, now: Instant) {
         self.due.remove(&seq);
         let current = self.current;
-        let (initial, max, jitter) = (self.cfg.resend_initial, self.cfg.resend_max, self.jitter);
+        let (initial, max, jitter) = (self.first_resend(), self.cfg.resend_max, self.jitter);
         let slot = self
             .slots
             .get_mut(&seq)
@@ -856,6 +891,38 @@ fn split_event(payload: &[u8]) -> (u64, &[u8]) {
 }
 
 /// `min(initial * 2^(attempts-1), max) * jitter`.
+/// RFC 6298's round-trip estimator (alpha 1/8, beta 1/4, K 4), without
+/// its clock granularity term (ours is far finer than the round trip).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Rtt {
+    srtt: Duration,
+    rttvar: Duration,
+}
+
+impl Rtt {
+    fn first(sample: Duration) -> Rtt {
+        Rtt {
+            srtt: sample,
+            rttvar: sample / 2,
+        }
+    }
+
+    fn update(self, sample: Duration) -> Rtt {
+        let err = self.srtt.abs_diff(sample);
+        Rtt {
+            rttvar: (self.rttvar * 3 + err) / 4,
+            srtt: (self.srtt * 7 + sample) / 8,
+        }
+    }
+
+    /// `srtt + 4 * rttvar`, at most [`MAX_BACKOFF`].
+    fn timeout(self) -> Duration {
+        self.srtt
+            .saturating_add(self.rttvar.saturating_mul(4))
+            .min(MAX_BACKOFF)
+    }
+}
+
 fn resend_delay(initial: Duration, max: Duration, attempts: u32, jitter: f64) -> Duration {
     let doublings = attempts.saturating_sub(1).min(31);
     let base = initial
@@ -1477,6 +1544,79 @@ mod tests {
         assert_eq!(ob.current_collector(), 0);
         assert_eq!(ob.stats().failovers, 3);
         assert_eq!(ob.next_probe, None, "no probes while on collector 0");
+    }
+
+    #[test]
+    fn the_first_resend_waits_out_a_slow_but_steady_round_trip() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut ob = Outbox::new(cfg(1, 1400), keys());
+        assert_eq!((ob.stats().srtt, ob.stats().first_resend), (None, ms(500)));
+        // Ten records, each acknowledged 800 ms after its only send: a
+        // collector whose inserts are slow, not one that loses datagrams.
+        let mut now = t0;
+        for seq in 1..=10u64 {
+            ob.push(record(seq, 10), now).unwrap();
+            assert_eq!(drain(&mut ob, now).len(), 1);
+            now += ms(800);
+            assert_eq!(ob.on_ack(0, &ack_body(EDGE, &[(seq, seq)]), now).unwrap().len(), 1);
+        }
+        let s = ob.stats();
+        assert_eq!(s.srtt, Some(ms(800)));
+        assert!(
+            s.first_resend > ms(800) && s.first_resend < ms(1000),
+            "srtt + 4 rttvar, the variance decayed: {:?}",
+            s.first_resend
+        );
+        // The next record is not resent at 500 ms, nor at 800.
+        ob.push(record(11, 10), now).unwrap();
+        drain(&mut ob, now);
+        assert_eq!(ob.next_deadline(), Some(now + s.first_resend));
+        assert_eq!(ob.poll_datagram(now + ms(800)), None);
+        assert!(ob.poll_datagram(now + s.first_resend).is_some(), "then it is");
+        assert_eq!(ob.stats().resent_records, 1);
+        // Backoff doubles from there.
+        let again = now + s.first_resend;
+        assert_eq!(ob.next_deadline(), Some(again + s.first_resend * 2));
+    }
+
+    #[test]
+    fn fast_acks_keep_the_floor_and_resent_records_are_not_timed() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut ob = Outbox::new(cfg(1, 1400), keys());
+        // Sent, resent at 500 ms, acked at 2.9 s: which send does the ack
+        // answer? Karn's rule: no sample.
+        ob.push(record(1, 10), t0).unwrap();
+        drain(&mut ob, t0);
+        assert_eq!(drain(&mut ob, t0 + ms(500)).len(), 1);
+        ob.on_ack(0, &ack_body(EDGE, &[(1, 1)]), t0 + ms(2900)).unwrap();
+        assert_eq!(ob.stats().srtt, None);
+        // Acks within 5 ms: the 500 ms floor holds.
+        let mut now = t0 + ms(3000);
+        for seq in 2..=20u64 {
+            ob.push(record(seq, 10), now).unwrap();
+            drain(&mut ob, now);
+            now += ms(5);
+            ob.on_ack(0, &ack_body(EDGE, &[(seq, seq)]), now).unwrap();
+        }
+        assert_eq!(ob.stats().srtt, Some(ms(5)));
+        assert_eq!(ob.stats().first_resend, ms(500));
+    }
+
+    #[test]
+    fn one_ack_is_one_sample_its_slowest_record() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut ob = Outbox::new(cfg(1, 1400), keys());
+        ob.push(record(1, 10), t0).unwrap();
+        drain(&mut ob, t0);
+        ob.push(record(2, 10), t0 + ms(300)).unwrap();
+        drain(&mut ob, t0 + ms(300));
+        ob.on_ack(0, &ack_body(EDGE, &[(1, 2)]), t0 + ms(400)).unwrap();
+        let s = ob.stats();
+        assert_eq!(s.srtt, Some(ms(400)), "record 1 waited 400 ms, record 2 only 100");
+        assert_eq!(s.first_resend, ms(400) + ms(200) * 4, "first sample: rttvar = srtt / 2");
     }
 
     #[test]
