@@ -43,6 +43,10 @@ use tokio::task::JoinHandle;
 
 use crate::config::Config;
 
+/// Receive buffer asked for the UDP ingest socket, bytes. The kernel caps
+/// it at `net.core.rmem_max` (Debian's default: 208 KiB).
+const UDP_RECV_BUFFER: usize = 4 << 20;
+
 /// A running collector.
 #[derive(Debug)]
 pub struct Collector {
@@ -127,6 +131,7 @@ impl Collector {
                     .with_context(|| format!("bind [ingest] udp_listen {listen}"))?,
             );
             udp_addr = Some(sock.local_addr()?);
+            enlarge_recv_buffer(&sock);
             acks.udp = Some(sock.clone());
             tasks.push(tokio::spawn(ingest::receive(
                 sock,
@@ -210,4 +215,28 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     tracing::info!("shutting down");
     c.shutdown().await;
     Ok(())
+}
+
+/// An edge draining a backlog sends thousands of datagrams in a burst; the
+/// default receive buffer drops most of a burst whenever the receiver is off
+/// the CPU, and each drop costs a resend half a second later. Best effort:
+/// the kernel caps the size at `net.core.rmem_max` and we say so.
+fn enlarge_recv_buffer(sock: &UdpSocket) {
+    let s = socket2::SockRef::from(sock);
+    if let Err(e) = s.set_recv_buffer_size(UDP_RECV_BUFFER) {
+        tracing::warn!(error = %e, "could not enlarge the UDP receive buffer");
+        return;
+    }
+    // Linux reports twice what it grants (the doubling covers bookkeeping).
+    let got = s.recv_buffer_size().map(|b| b / 2).unwrap_or(0);
+    if got < UDP_RECV_BUFFER {
+        tracing::warn!(
+            asked = UDP_RECV_BUFFER,
+            got,
+            "UDP receive buffer capped by net.core.rmem_max: raise it \
+             (sysctl -w net.core.rmem_max={UDP_RECV_BUFFER}) or backlogs drain with drops and resends"
+        );
+    } else {
+        tracing::info!(bytes = got, "UDP receive buffer");
+    }
 }
