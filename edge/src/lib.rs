@@ -448,7 +448,7 @@ fn render_delivery(d: &DeliveryStats, out: &mut String) {
     gauge(
         out,
         "affgate_edge_delivery_first_resend_seconds",
-        "Delay before a record's first resend: 0.5 s, or the round trip's timeout when longer.",
+        "Delay before a record's first resend: 0.5 s, or the round trip's timeout when longer (1 s before the first ack).",
         s.first_resend.as_secs_f64(),
     );
     gauge(

@@ -55,7 +55,7 @@ pub const DROP_REASONS: [&str; 9] = [
 const RANGES_PER_ACK: usize = 48;
 
 /// Queue between receiver and writer, in datagrams.
-pub const QUEUE: usize = 8192;
+pub const QUEUE: usize = 16_384;
 
 /// An opened batch body on its way to the writer.
 #[derive(Debug)]

@@ -67,7 +67,10 @@
 //!
 //! `first` is `resend_initial`, or the measured round trip's timeout when
 //! that is longer: `srtt + 4 * rttvar` (RFC 6298's estimator), capped at
-//! `resend_max`. The round trip includes the collector's insert, which grows
+//! `resend_max`. Before the first sample it is `resend_unmeasured` (1 s,
+//! RFC 6298's initial timeout): an edge starting on a backlog sends a whole
+//! in-flight bound at once, and its first acks wait for the collector's
+//! first, largest inserts. The round trip includes the collector's insert, which grows
 //! with its window; a fixed 500 ms would resend whole windows that are only
 //! slow, not lost. Samples follow Karn's rule: only records sent once are
 //! timed (a resent record's ack cannot tell which send it answers), and each
@@ -112,8 +115,10 @@ use capnp::message::ReaderOptions;
 
 use crate::ring::{Location, Record};
 
-/// First resend after this long (docs/delivery.md).
+/// First resend after at least this long (docs/delivery.md).
 pub const RESEND_INITIAL: Duration = Duration::from_millis(500);
+/// First resend before any round trip was measured.
+pub const RESEND_UNMEASURED: Duration = Duration::from_secs(1);
 /// Resend backoff doubles up to this.
 pub const RESEND_MAX: Duration = Duration::from_secs(10);
 /// Fail over after records waited this long on a silent collector.
@@ -121,7 +126,7 @@ pub const FAILOVER_AFTER: Duration = Duration::from_secs(1);
 /// While failed over, probe collector 0 this often.
 pub const PROBE_EVERY: Duration = Duration::from_secs(2);
 /// Default bound on records held (sent and not yet acknowledged).
-pub const MAX_IN_FLIGHT: usize = 16_384;
+pub const MAX_IN_FLIGHT: usize = 65_536;
 /// Bounds of the jitter factor [`Outbox::set_jitter`] accepts.
 pub const JITTER_MIN: f64 = 0.8;
 pub const JITTER_MAX: f64 = 1.2;
@@ -158,8 +163,12 @@ pub struct OutboxConfig {
     pub collectors: usize,
     /// Largest sealed datagram, bytes (`[delivery] max_datagram_bytes`).
     pub max_datagram_bytes: usize,
-    /// First resend delay (default 500 ms; at least 1 ms).
+    /// First resend delay, the floor under the measured round trip's
+    /// timeout (default 500 ms; at least 1 ms).
     pub resend_initial: Duration,
+    /// First resend delay before any round trip was measured (default 1 s;
+    /// at least 1 ms).
+    pub resend_unmeasured: Duration,
     /// Cap of the doubling resend delay, before jitter (default 10 s;
     /// clamped to `resend_initial..=1 h`).
     pub resend_max: Duration,
@@ -182,6 +191,7 @@ impl OutboxConfig {
             collectors,
             max_datagram_bytes,
             resend_initial: RESEND_INITIAL,
+            resend_unmeasured: RESEND_UNMEASURED,
             resend_max: RESEND_MAX,
             failover_after: FAILOVER_AFTER,
             probe_every: PROBE_EVERY,
@@ -377,6 +387,7 @@ impl Outbox {
     pub fn new(mut cfg: OutboxConfig, keys: Keys) -> Outbox {
         cfg.collectors = cfg.collectors.max(1);
         cfg.resend_initial = cfg.resend_initial.clamp(MIN_DURATION, MAX_BACKOFF);
+        cfg.resend_unmeasured = cfg.resend_unmeasured.clamp(MIN_DURATION, MAX_BACKOFF);
         cfg.resend_max = cfg.resend_max.clamp(cfg.resend_initial, MAX_BACKOFF);
         cfg.failover_after = cfg.failover_after.max(MIN_DURATION);
         cfg.probe_every = cfg.probe_every.max(MIN_DURATION);
@@ -662,9 +673,10 @@ impl Outbox {
     }
 
     /// Delay before a record's first resend: `resend_initial`, or the
-    /// round trip's timeout when longer, at most `resend_max`.
+    /// round trip's timeout when longer (`resend_unmeasured` before the
+    /// first sample), at most `resend_max`.
     fn first_resend(&self) -> Duration {
-        let rto = self.rtt.map_or(Duration::ZERO, Rtt::timeout);
+        let rto = self.rtt.map_or(self.cfg.resend_unmeasured, Rtt::timeout);
         self.cfg.resend_initial.max(rto).min(self.cfg.resend_max)
     }
 
@@ -1010,8 +1022,13 @@ mod tests {
         Keys::derive(&Secret::from_bytes([3; 32]))
     }
 
+    /// The defaults, but a fresh Outbox resends after 500 ms like a
+    /// measured one (most tests are about what follows the first resend).
     fn cfg(collectors: usize, max_datagram_bytes: usize) -> OutboxConfig {
-        OutboxConfig::new(EDGE, collectors, max_datagram_bytes)
+        OutboxConfig {
+            resend_unmeasured: RESEND_INITIAL,
+            ..OutboxConfig::new(EDGE, collectors, max_datagram_bytes)
+        }
     }
 
     fn loc(seq: u64) -> Location {
@@ -1559,7 +1576,12 @@ mod tests {
             ob.push(record(seq, 10), now).unwrap();
             assert_eq!(drain(&mut ob, now).len(), 1);
             now += ms(800);
-            assert_eq!(ob.on_ack(0, &ack_body(EDGE, &[(seq, seq)]), now).unwrap().len(), 1);
+            assert_eq!(
+                ob.on_ack(0, &ack_body(EDGE, &[(seq, seq)]), now)
+                    .unwrap()
+                    .len(),
+                1
+            );
         }
         let s = ob.stats();
         assert_eq!(s.srtt, Some(ms(800)));
@@ -1573,11 +1595,36 @@ mod tests {
         drain(&mut ob, now);
         assert_eq!(ob.next_deadline(), Some(now + s.first_resend));
         assert_eq!(ob.poll_datagram(now + ms(800)), None);
-        assert!(ob.poll_datagram(now + s.first_resend).is_some(), "then it is");
+        assert!(
+            ob.poll_datagram(now + s.first_resend).is_some(),
+            "then it is"
+        );
         assert_eq!(ob.stats().resent_records, 1);
         // Backoff doubles from there.
         let again = now + s.first_resend;
         assert_eq!(ob.next_deadline(), Some(again + s.first_resend * 2));
+    }
+
+    #[test]
+    fn before_any_ack_the_first_resend_waits_a_second() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut ob = Outbox::new(OutboxConfig::new(EDGE, 1, 1400), keys());
+        assert_eq!(ob.stats().first_resend, ms(1000));
+        ob.push(record(1, 10), t0).unwrap();
+        drain(&mut ob, t0);
+        assert_eq!(ob.poll_datagram(t0 + ms(999)), None);
+        assert!(ob.poll_datagram(t0 + ms(1000)).is_some());
+        // A fast ack (of the resend: not timed) changes nothing; one of a
+        // record sent once brings the floor back.
+        ob.on_ack(0, &ack_body(EDGE, &[(1, 1)]), t0 + ms(1010))
+            .unwrap();
+        assert_eq!(ob.stats().first_resend, ms(1000));
+        ob.push(record(2, 10), t0 + ms(1100)).unwrap();
+        drain(&mut ob, t0 + ms(1100));
+        ob.on_ack(0, &ack_body(EDGE, &[(2, 2)]), t0 + ms(1105))
+            .unwrap();
+        assert_eq!(ob.stats().first_resend, ms(500));
     }
 
     #[test]
@@ -1590,7 +1637,8 @@ mod tests {
         ob.push(record(1, 10), t0).unwrap();
         drain(&mut ob, t0);
         assert_eq!(drain(&mut ob, t0 + ms(500)).len(), 1);
-        ob.on_ack(0, &ack_body(EDGE, &[(1, 1)]), t0 + ms(2900)).unwrap();
+        ob.on_ack(0, &ack_body(EDGE, &[(1, 1)]), t0 + ms(2900))
+            .unwrap();
         assert_eq!(ob.stats().srtt, None);
         // Acks within 5 ms: the 500 ms floor holds.
         let mut now = t0 + ms(3000);
@@ -1613,10 +1661,19 @@ mod tests {
         drain(&mut ob, t0);
         ob.push(record(2, 10), t0 + ms(300)).unwrap();
         drain(&mut ob, t0 + ms(300));
-        ob.on_ack(0, &ack_body(EDGE, &[(1, 2)]), t0 + ms(400)).unwrap();
+        ob.on_ack(0, &ack_body(EDGE, &[(1, 2)]), t0 + ms(400))
+            .unwrap();
         let s = ob.stats();
-        assert_eq!(s.srtt, Some(ms(400)), "record 1 waited 400 ms, record 2 only 100");
-        assert_eq!(s.first_resend, ms(400) + ms(200) * 4, "first sample: rttvar = srtt / 2");
+        assert_eq!(
+            s.srtt,
+            Some(ms(400)),
+            "record 1 waited 400 ms, record 2 only 100"
+        );
+        assert_eq!(
+            s.first_resend,
+            ms(400) + ms(200) * 4,
+            "first sample: rttvar = srtt / 2"
+        );
     }
 
     #[test]
