@@ -67,14 +67,15 @@
 //!
 //! `first` is `resend_initial`, or the measured round trip's timeout when
 //! that is longer: `srtt + 4 * rttvar` (RFC 6298's estimator), capped at
-//! `resend_max`. Before the first sample it is `resend_unmeasured` (1 s,
-//! RFC 6298's initial timeout): an edge starting on a backlog sends a whole
-//! in-flight bound at once, and its first acks wait for the collector's
-//! first, largest inserts. The round trip includes the collector's insert, which grows
-//! with its window; a fixed 500 ms would resend whole windows that are only
-//! slow, not lost. Samples follow Karn's rule: only records sent once are
-//! timed (a resent record's ack cannot tell which send it answers), and each
-//! ack gives one sample, its slowest such record's `now - sent`.
+//! `resend_max`. The round trip includes the collector's insert, which
+//! grows with its window; a fixed 500 ms would resend whole windows that
+//! are only slow, not lost. Samples follow Karn's rule: only records sent
+//! once are timed (a resent record's ack cannot tell which send it
+//! answers), and each ack gives one sample, its slowest such record's
+//! `now - sent`. Before the first sample `first` is `resend_unmeasured`
+//! (1 s, RFC 6298's initial timeout): an edge starting on a backlog sends a
+//! whole in-flight bound at once, and its first acks wait for the
+//! collector's first, largest inserts.
 //!
 //! # Failover
 //!
