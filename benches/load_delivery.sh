@@ -171,7 +171,8 @@ sample() {
   local c e
   c=$(curl -fsS "http://$collector_metrics/metrics" 2>/dev/null | awk '/^affgate_collector_window_rows /{r=$2} /^affgate_collector_commit_seconds /{s=$2} END{print r+0, s+0}')
   e=$(curl -fsS "http://$edge_metrics/metrics" 2>/dev/null | awk '/^affgate_edge_delivery_in_flight_records /{print $2+0}')
-  echo "$c ${e:-0}" >>"$work/samples"
+  a=$(awk '/^RssAnon:/{print $2}' "/proc/$edge_pid/status" 2>/dev/null)
+  echo "$c ${e:-0} ${a:-0}" >>"$work/samples"
 }
 while :; do
   [ -z "$collector_metrics" ] || [ -z "$edge_metrics" ] || sample
@@ -237,10 +238,11 @@ if [ -s "$work/samples" ]; then
   python3 - "$work/samples" <<'PY'
 import statistics, sys
 rows = [tuple(float(x) for x in l.split()) for l in open(sys.argv[1]) if l.strip()]
-w, c, f = ([r[i] for r in rows] for i in range(3))
+w, c, f, a = ([r[i] for r in rows] for i in range(4))
 m = statistics.median
 print(f"sampled while draining ({len(rows)}x): last window rows median {m(w):.0f} max {max(w):.0f}; "
-      f"its commit median {m(c)*1000:.0f} ms max {max(c)*1000:.0f} ms; edge records in flight median {m(f):.0f} max {max(f):.0f}")
+      f"its commit median {m(c)*1000:.0f} ms max {max(c)*1000:.0f} ms; edge records in flight median {m(f):.0f} max {max(f):.0f}; "
+      f"edge RssAnon max {max(a)/1024:.1f} MiB")
 PY
 fi
 if [ -n "$collector_metrics" ]; then
