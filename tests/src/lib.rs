@@ -930,11 +930,6 @@ pub struct CollectorProc {
     _tmp: tempfile::TempDir,
 }
 
-/// A UDP port nobody is bound to right now on 127.0.0.1 (see [`free_port`]).
-pub fn free_udp_port() -> u16 {
-    free_port()
-}
-
 /// The edge's `[delivery]` table for these collectors (for `EdgeOpts::extra_toml`).
 pub fn delivery_toml(collectors: &[SocketAddr]) -> String {
     let list = collectors
@@ -965,7 +960,7 @@ impl CollectorProc {
 
     pub fn unstarted_with(stack: &Stack, opts: &CollectorOpts) -> CollectorProc {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let udp: SocketAddr = format!("127.0.0.1:{}", free_udp_port())
+        let udp: SocketAddr = format!("127.0.0.1:{}", free_port())
             .parse()
             .expect("a socket address");
         let toml = format!(
@@ -1230,7 +1225,7 @@ impl DeliveryLink {
                 (c, at)
             }
             Some((cert, key, _)) => {
-                let quic: SocketAddr = format!("127.0.0.1:{}", free_udp_port())
+                let quic: SocketAddr = format!("127.0.0.1:{}", free_port())
                     .parse()
                     .expect("a socket address");
                 let opts = CollectorOpts {

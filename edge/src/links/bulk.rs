@@ -235,11 +235,7 @@ fn on_link(
     let values = match frame {
         Frame::Array(Some(a)) if a.len() == LINK_FIELDS.len() => a,
         Frame::Error(e) => {
-            tracing::warn!(
-                key = %format_args!("{LINK_PREFIX}{slug}"),
-                reason = %String::from_utf8_lossy(e),
-                "skipping unusable link hash"
-            );
+            skip(&slug, &String::from_utf8_lossy(e));
             return Ok(());
         }
         _ => bail!("HMGET {LINK_PREFIX}{slug}: unexpected reply {frame:?}"),
@@ -252,11 +248,7 @@ fn on_link(
             Frame::Bulk(Some(b)) => {
                 any = true;
                 let Ok(s) = std::str::from_utf8(b) else {
-                    tracing::warn!(
-                        key = %format_args!("{LINK_PREFIX}{slug}"),
-                        reason = "a field is not UTF-8",
-                        "skipping unusable link hash"
-                    );
+                    skip(&slug, &"a field is not UTF-8");
                     return Ok(());
                 };
                 *slot = Some(s);
@@ -269,13 +261,18 @@ fn on_link(
     }
     match parse_link(&FieldSlices(fields)) {
         Ok(link) => sink(slug, link),
-        Err(reason) => tracing::warn!(
-            key = %format_args!("{LINK_PREFIX}{slug}"),
-            reason,
-            "skipping unusable link hash"
-        ),
+        Err(reason) => skip(&slug, &reason),
     }
     Ok(())
+}
+
+/// Log a link hash the load skips, and why.
+fn skip(slug: &str, reason: &dyn std::fmt::Display) {
+    tracing::warn!(
+        key = %format_args!("{LINK_PREFIX}{slug}"),
+        reason = %reason,
+        "skipping unusable link hash"
+    );
 }
 
 /// `*N\r\n` and each argument as a bulk string.
@@ -320,26 +317,30 @@ pub async fn load_links(
     match info.addr() {
         ConnectionAddr::Tcp(host, port) => {
             let connect = tokio::net::TcpStream::connect((host.as_str(), *port));
-            let stream = tokio::time::timeout(timeout, connect)
-                .await
-                .map_err(|_| anyhow::anyhow!("no connection to {host}:{port} within {timeout:?}"))?
-                .with_context(|| format!("connect to {host}:{port}"))?;
+            let stream = within(timeout, connect, &format!("{host}:{port}")).await?;
             stream.set_nodelay(true).context("set TCP_NODELAY")?;
             drive(stream, load, timeout, &mut sink).await?;
         }
         ConnectionAddr::Unix(path) => {
             let connect = tokio::net::UnixStream::connect(path);
-            let stream = tokio::time::timeout(timeout, connect)
-                .await
-                .map_err(|_| {
-                    anyhow::anyhow!("no connection to {} within {timeout:?}", path.display())
-                })?
-                .with_context(|| format!("connect to {}", path.display()))?;
+            let stream = within(timeout, connect, &path.display().to_string()).await?;
             drive(stream, load, timeout, &mut sink).await?;
         }
         _ => return Ok(false),
     }
     Ok(true)
+}
+
+/// `connect`, given up after `timeout`; errors name `to`.
+async fn within<S>(
+    timeout: Duration,
+    connect: impl Future<Output = std::io::Result<S>>,
+    to: &str,
+) -> anyhow::Result<S> {
+    tokio::time::timeout(timeout, connect)
+        .await
+        .map_err(|_| anyhow::anyhow!("no connection to {to} within {timeout:?}"))?
+        .with_context(|| format!("connect to {to}"))
 }
 
 /// Move bytes between `stream` and `load` until it is done. Writing and

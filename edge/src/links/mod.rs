@@ -333,20 +333,23 @@ impl FullLoad<'_> {
         if let Some(seen) = self.seen {
             cache.links.retain(|k, _| seen.contains(k));
         }
-        let offer_ids: std::collections::HashSet<u64> = offers.iter().map(|(id, _)| *id).collect();
-        for (id, o) in offers {
-            cache.offers.insert(id, o);
-        }
-        cache.offers.retain(|k, _| offer_ids.contains(k));
-        let hashes: std::collections::HashSet<String> =
-            tokens.iter().map(|(h, _)| h.clone()).collect();
-        for (h, n) in tokens {
-            cache.tokens.insert(h, n);
-        }
-        cache.tokens.retain(|k, _| hashes.contains(k));
+        replace_all(&cache.offers, offers);
+        replace_all(&cache.tokens, tokens);
         cache.loaded.store(true, Ordering::Release);
         cache.reloads_ok.fetch_add(1, Ordering::Relaxed);
     }
+}
+
+/// Make `map` hold exactly `entries`.
+fn replace_all<K, V>(map: &DashMap<K, V, FastHash>, entries: Vec<(K, V)>)
+where
+    K: Eq + std::hash::Hash + Clone,
+{
+    let keys: std::collections::HashSet<K> = entries.iter().map(|(k, _)| k.clone()).collect();
+    for (k, v) in entries {
+        map.insert(k, v);
+    }
+    map.retain(|k, _| keys.contains(k));
 }
 
 #[derive(Debug, Clone, Copy, Default)]

@@ -349,12 +349,13 @@ async fn scan_step(
     .await
 }
 
-/// Every link through redis-rs, for addresses `links::bulk` does not
-/// serve (TLS): batch by batch, the next batch fetched while one is parsed.
+/// Every link through redis-rs into `load`, for addresses `links::bulk`
+/// does not serve (TLS): batch by batch, the next batch fetched while one
+/// is parsed.
 async fn load_links_redis_rs(
     conn: &mut MultiplexedConnection,
-) -> anyhow::Result<Vec<(Box<str>, Link)>> {
-    let mut links = Vec::new();
+    load: &mut FullLoad<'_>,
+) -> anyhow::Result<()> {
     // The next batch is fetched (on another task, over the same
     // multiplexed connection) while this one is parsed.
     let mut pending = tokio::spawn(fetch_links(conn.clone(), 0));
@@ -372,12 +373,12 @@ async fn load_links_redis_rs(
                 continue; // deleted between SCAN and HMGET
             }
             match parse_link(&LinkFields(values)) {
-                Ok(link) => links.push((slug.into(), link)),
+                Ok(link) => load.link(slug.into(), link),
                 Err(reason) => tracing::warn!(key, reason, "skipping unusable link hash"),
             }
         }
         if next == 0 {
-            return Ok(links);
+            return Ok(());
         }
     }
 }
@@ -440,9 +441,9 @@ pub async fn load_all<'c>(
         .await
         .context("links")?;
     if !bulk {
-        for (slug, link) in load_links_redis_rs(conn).await.context("links")? {
-            load.link(slug, link);
-        }
+        load_links_redis_rs(conn, &mut load)
+            .await
+            .context("links")?;
     }
     let mut offers = Vec::new();
     let mut tokens = Vec::new();
