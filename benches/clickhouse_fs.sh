@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
-# Put ClickHouse's data directory on a fresh journaled ext4 filesystem (a
-# loop-mounted image), or take it off again. For benchmarks only.
+# Put ClickHouse's data directory on a fresh XFS (or journaled ext4)
+# filesystem, a loop-mounted image, or take it off again. For benchmarks only.
 #
 # Why: on a host whose root filesystem is ext4 *without* a journal (this
 # project's 2-core VM: `cat /sys/fs/ext4/<dev>/journal_task` says <none>),
-# every file ClickHouse creates makes ext4's inode allocator skip over
-# recently deleted inodes (`recently_deleted()` is checked only without a
-# journal), and ClickHouse creates and deletes tens of files per insert and
-# per merge. perf showed 54 % of ClickHouse's CPU there under a 20k clicks/s
-# load (BENCHMARKS.md). Debian's default ext4 has a journal; so does this.
+# every file ClickHouse creates makes ext4's inode allocator skip over the
+# inodes deleted in the last minute or more (`recently_deleted()`, checked
+# only without a journal), and ClickHouse creates tens of files per insert
+# and per merge. perf showed 54-70 % of ClickHouse's CPU there under a 20k
+# clicks/s load, and how much depends on what was deleted minutes before
+# (a benchmark's own DROP DATABASE of the previous run), so runs there are
+# neither representative nor repeatable (BENCHMARKS.md). BENCHMARKS.md's
+# figures since session 5 are on XFS, ClickHouse's usual choice; session
+# 4's journaled ext4 showed stalls of a few hundred milliseconds.
 #
-#   benches/clickhouse_fs.sh up     stop ClickHouse, mount a 12 GiB image over
+#   benches/clickhouse_fs.sh up [xfs|ext4]
+#                                   stop ClickHouse, mount a 12 GiB image
+#                                   (XFS by default, or journaled ext4) over
 #                                   /var/lib/clickhouse (a copy of what is
 #                                   there now), start ClickHouse
 #   benches/clickhouse_fs.sh down   stop ClickHouse, unmount (the directory
@@ -35,8 +41,17 @@ journal() {
 case "${1:-status}" in
   up)
     if mountpoint -q "$dir"; then echo "$dir is already a mount point: $(journal)"; exit 0; fi
+    fs=${2:-xfs}
+    case "$fs" in
+      ext4) mkfs=(mkfs.ext4 -q -F) ;;
+      xfs)
+        command -v mkfs.xfs >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq xfsprogs >/dev/null; }
+        mkfs=(mkfs.xfs -q -f) ;;
+      *) echo "filesystem: xfs or ext4, not $fs" >&2; exit 2 ;;
+    esac
     ./deploy/services.sh stop clickhouse
-    [ -e "$img" ] || { truncate -s 12G "$img" && mkfs.ext4 -q -F "$img"; }
+    rm -f "$img"
+    truncate -s 12G "$img" && "${mkfs[@]}" "$img"
     tmp=$(mktemp -d)
     mount -o loop "$img" "$tmp"
     cp -a "$dir/." "$tmp/"
@@ -54,5 +69,5 @@ case "${1:-status}" in
     echo "ClickHouse data back on $(journal)"
     ;;
   status) echo "ClickHouse data on $(journal)" ;;
-  *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+  *) echo "usage: $0 up [xfs|ext4] | down | status" >&2; exit 2 ;;
 esac

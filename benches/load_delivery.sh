@@ -8,6 +8,8 @@
 #       requests (wrk's delay()), so AFFGATE_LOAD_CONNS sets the rate
 #       (about 72 connections give 20,000 clicks/s here); for the lag target.
 #   AFFGATE_LOAD_WINDOW_MS=50: the collector's [ingest] window_ms (default: its own).
+#   AFFGATE_LOAD_NO_ROLLUP=1: diagnostic, drops the clicks_hourly view after
+#       the migration, to see what the rollup costs ClickHouse per insert.
 #   AFFGATE_LOAD_BACKLOG=1 benches/load_delivery.sh 20
 #       the collector's own capacity: wrk fills the ring of an edge that has
 #       no collector configured for the given time, wrk stops, the edge is
@@ -39,12 +41,16 @@ conns=${AFFGATE_LOAD_CONNS:-64}
 paced=${AFFGATE_LOAD_PACED:-}
 window_ms=${AFFGATE_LOAD_WINDOW_MS:-}
 backlog=${AFFGATE_LOAD_BACKLOG:-}
+no_rollup=${AFFGATE_LOAD_NO_ROLLUP:-}
 # Every AFFGATE_* variable is a config key to the binaries: keep ours out.
-unset AFFGATE_LOAD_CONNS AFFGATE_LOAD_PACED AFFGATE_LOAD_WINDOW_MS AFFGATE_LOAD_BACKLOG
+unset AFFGATE_LOAD_CONNS AFFGATE_LOAD_PACED AFFGATE_LOAD_WINDOW_MS AFFGATE_LOAD_BACKLOG AFFGATE_LOAD_NO_ROLLUP
 db=affgate_load
 
 ./deploy/install.sh >/dev/null
 ./deploy/services.sh start >/dev/null
+# Say where ClickHouse keeps its data: on ext4 without a journal its CPU per
+# insert depends on what was deleted minutes before (benches/clickhouse_fs.sh).
+echo "== $(benches/clickhouse_fs.sh status)"
 command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
 cargo build --release --locked -q -p affgate-edge -p affgate-collector
 edge="$root/target/release/affgate-edge"
@@ -103,6 +109,10 @@ TOML
 rm -f "/dev/shm/affgate-load-$$.ring"
 
 "$collector" --config "$work/collector.toml" migrate >/dev/null
+if [ -n "$no_rollup" ]; then
+  ch "DROP TABLE $db.clicks_hourly_mv" >/dev/null
+  echo "== diagnostic: the clicks_hourly view dropped, inserts feed clicks only"
+fi
 start_collector() {
   "$collector" --config "$work/collector.toml" >"$work/collector.out" 2>"$work/collector.log" &
   collector_pid=$!

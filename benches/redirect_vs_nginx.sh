@@ -5,7 +5,7 @@
 #
 #   benches/redirect_vs_nginx.sh [--route click|postback] [--rounds N] [--secs S]
 #                                [--conns C] [--threads T] [--no-build] [--edge PATH]
-#                                [--no-delivery]
+#                                [--no-delivery] [--window-ms MS]
 #   defaults: click, 5 rounds of 10 s, 64 connections, 1 wrk thread
 #
 # What it does, all on 127.0.0.1:
@@ -35,6 +35,7 @@
 #     event in its ring (size AFFGATE_BENCH_RING_MB, default 1024 MiB), so
 #     the edge is compared with nginx without delivery and stores sharing
 #     the cores; the check is then that the ring holds every event;
+#     --window-ms sets the collector's [ingest] window_ms (default: its own);
 #  6. checks, not assumes, zero loss: every request the edge answered was a
 #     302 (200 for postbacks) by its own metrics, every event it minted (its
 #     ring sequence) is in ClickHouse (clicks, FINAL) or PostgreSQL
@@ -53,6 +54,7 @@ threads=1
 build=1
 edge_override=""
 delivery=1
+window_ms=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --route) route=$2; shift 2 ;;
@@ -63,6 +65,7 @@ while [ $# -gt 0 ]; do
     --no-build) build=0; shift ;;
     --edge) edge_override=$2; shift 2 ;;
     --no-delivery) delivery=0; shift ;;
+    --window-ms) window_ms=$2; shift 2 ;;
     -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -80,6 +83,9 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 nginx_bin=$(command -v nginx || echo /usr/sbin/nginx)
 ./deploy/services.sh start >/dev/null
+# Say where ClickHouse keeps its data: on ext4 without a journal its CPU per
+# insert depends on what was deleted minutes before (benches/clickhouse_fs.sh).
+echo "== $(benches/clickhouse_fs.sh status)"
 if [ "$build" = 1 ]; then
   cargo build --release --locked -q -p affgate-edge -p affgate-collector
 fi
@@ -190,6 +196,7 @@ cat >"$work/collector.toml" <<TOML
 secret = "$secret"
 [ingest]
 udp_listen = "127.0.0.1:$udp_port"
+${window_ms:+window_ms = $window_ms}
 [clickhouse]
 url = "http://127.0.0.1:8123"
 database = "$db"

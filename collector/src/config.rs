@@ -137,7 +137,9 @@ pub struct IngestSection {
     pub quic_cert: Option<PathBuf>,
     /// PEM private key for `quic_listen`.
     pub quic_key: Option<PathBuf>,
-    /// A write window closes after this long, milliseconds. Default 10.
+    /// A write window closes after this long, milliseconds. Default 40: each
+    /// window is one ClickHouse insert, and ClickHouse's CPU per row (its
+    /// merges of small parts) halves from 10 to 40 (BENCHMARKS.md).
     pub window_ms: u64,
     /// ... or at this many events, whichever comes first. Default 50000.
     pub window_rows: usize,
@@ -150,7 +152,7 @@ impl Default for IngestSection {
             quic_listen: None,
             quic_cert: None,
             quic_key: None,
-            window_ms: 10,
+            window_ms: 40,
             window_rows: 50_000,
         }
     }
@@ -488,8 +490,8 @@ mod tests {
         assert!(c.quic.is_none());
         assert_eq!(
             c.window,
-            Duration::from_millis(10),
-            "window default is 10 ms"
+            Duration::from_millis(40),
+            "window default is 40 ms"
         );
         assert_eq!(c.window_rows.get(), 50_000, "window rows default is 50000");
         assert_eq!(c.clickhouse.database, "affgate");
