@@ -534,8 +534,9 @@ impl Outbox {
         if out.oversize {
             self.stats.oversize_datagrams += 1;
         }
+        let first = self.first_resend();
         for &seq in &seqs {
-            self.mark_sent(seq, now);
+            self.mark_sent(seq, now, first);
         }
         if self.due.is_empty() {
             self.due_since = None;
@@ -727,11 +728,12 @@ impl Outbox {
         }
     }
 
-    /// Bookkeeping after `seq` went out to the current collector.
-    fn mark_sent(&mut self, seq: u64, now: Instant) {
+    /// Bookkeeping after `seq` went out to the current collector; `first`
+    /// is [`Outbox::first_resend`], the same for every record of a datagram.
+    fn mark_sent(&mut self, seq: u64, now: Instant, first: Duration) {
         self.due.remove(&seq);
         let current = self.current;
-        let (initial, max, jitter) = (self.first_resend(), self.cfg.resend_max, self.jitter);
+        let (max, jitter) = (self.cfg.resend_max, self.jitter);
         let slot = self
             .slots
             .get_mut(&seq)
@@ -741,7 +743,7 @@ impl Outbox {
             self.stats.resent_records += 1;
         }
         slot.attempts = slot.attempts.saturating_add(1);
-        let deadline = now + resend_delay(initial, max, slot.attempts, jitter);
+        let deadline = now + resend_delay(first, max, slot.attempts, jitter);
         slot.deadline = Some(deadline);
         self.timers.insert((deadline, seq));
         match slot.sent {
@@ -903,7 +905,6 @@ fn split_event(payload: &[u8]) -> (u64, &[u8]) {
     (root, &seg[8..])
 }
 
-/// `min(initial * 2^(attempts-1), max) * jitter`.
 /// RFC 6298's round-trip estimator (alpha 1/8, beta 1/4, K 4), without
 /// its clock granularity term (ours is far finer than the round trip).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -936,6 +937,7 @@ impl Rtt {
     }
 }
 
+/// `min(initial * 2^(attempts-1), max) * jitter`.
 fn resend_delay(initial: Duration, max: Duration, attempts: u32, jitter: f64) -> Duration {
     let doublings = attempts.saturating_sub(1).min(31);
     let base = initial
@@ -1564,6 +1566,18 @@ mod tests {
         assert_eq!(ob.next_probe, None, "no probes while on collector 0");
     }
 
+    /// Push `seq`, send it at `sent`, ack it at `acked`: the datagrams
+    /// sent and the locations the ack freed.
+    fn send_then_ack(ob: &mut Outbox, seq: u64, sent: Instant, acked: Instant) -> (usize, usize) {
+        ob.push(record(seq, 10), sent).unwrap();
+        let datagrams = drain(ob, sent).len();
+        let freed = ob
+            .on_ack(0, &ack_body(EDGE, &[(seq, seq)]), acked)
+            .unwrap()
+            .len();
+        (datagrams, freed)
+    }
+
     #[test]
     fn the_first_resend_waits_out_a_slow_but_steady_round_trip() {
         let t0 = Instant::now();
@@ -1574,15 +1588,8 @@ mod tests {
         // collector whose inserts are slow, not one that loses datagrams.
         let mut now = t0;
         for seq in 1..=10u64 {
-            ob.push(record(seq, 10), now).unwrap();
-            assert_eq!(drain(&mut ob, now).len(), 1);
+            assert_eq!(send_then_ack(&mut ob, seq, now, now + ms(800)), (1, 1));
             now += ms(800);
-            assert_eq!(
-                ob.on_ack(0, &ack_body(EDGE, &[(seq, seq)]), now)
-                    .unwrap()
-                    .len(),
-                1
-            );
         }
         let s = ob.stats();
         assert_eq!(s.srtt, Some(ms(800)));
@@ -1621,10 +1628,7 @@ mod tests {
         ob.on_ack(0, &ack_body(EDGE, &[(1, 1)]), t0 + ms(1010))
             .unwrap();
         assert_eq!(ob.stats().first_resend, ms(1000));
-        ob.push(record(2, 10), t0 + ms(1100)).unwrap();
-        drain(&mut ob, t0 + ms(1100));
-        ob.on_ack(0, &ack_body(EDGE, &[(2, 2)]), t0 + ms(1105))
-            .unwrap();
+        send_then_ack(&mut ob, 2, t0 + ms(1100), t0 + ms(1105));
         assert_eq!(ob.stats().first_resend, ms(500));
     }
 
@@ -1644,10 +1648,8 @@ mod tests {
         // Acks within 5 ms: the 500 ms floor holds.
         let mut now = t0 + ms(3000);
         for seq in 2..=20u64 {
-            ob.push(record(seq, 10), now).unwrap();
-            drain(&mut ob, now);
+            send_then_ack(&mut ob, seq, now, now + ms(5));
             now += ms(5);
-            ob.on_ack(0, &ack_body(EDGE, &[(seq, seq)]), now).unwrap();
         }
         assert_eq!(ob.stats().srtt, Some(ms(5)));
         assert_eq!(ob.stats().first_resend, ms(500));

@@ -266,8 +266,8 @@ fn on_link(
     Ok(())
 }
 
-/// Log a link hash the load skips, and why.
-fn skip(slug: &str, reason: &dyn std::fmt::Display) {
+/// Log a link hash a load skips, and why.
+pub(super) fn skip(slug: &str, reason: &dyn std::fmt::Display) {
     tracing::warn!(
         key = %format_args!("{LINK_PREFIX}{slug}"),
         reason = %reason,

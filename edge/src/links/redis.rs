@@ -374,7 +374,7 @@ async fn load_links_redis_rs(
             }
             match parse_link(&LinkFields(values)) {
                 Ok(link) => load.link(slug.into(), link),
-                Err(reason) => tracing::warn!(key, reason, "skipping unusable link hash"),
+                Err(reason) => super::bulk::skip(slug, &reason),
             }
         }
         if next == 0 {
