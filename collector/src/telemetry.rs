@@ -137,6 +137,11 @@ pub fn render(s: &IngestStats) -> String {
         l(&s.datagrams),
     );
     counter(
+        "affgate_collector_udp_coalesced_reads_total",
+        "UDP reads that carried several datagrams at once (receive offload).",
+        l(&s.coalesced_reads),
+    );
+    counter(
         "affgate_collector_batches_total",
         "Batches accepted into a write window, probes included.",
         l(&s.batches),

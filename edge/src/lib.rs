@@ -126,11 +126,18 @@ impl Edge {
                 Transport::Udp => cfg.max_datagram_bytes,
                 Transport::Quic => cfg.max_datagram_bytes.min(flush::quic::MAX_BATCH_BYTES),
             };
-            let outbox = Outbox::new(
-                OutboxConfig::new(cfg.edge_id, cfg.collectors.len(), max_batch),
-                keys.current().clone(),
-            )
-            .with_first_nonce(http::now_ms() << 16);
+            let mut outbox_cfg = OutboxConfig::new(cfg.edge_id, cfg.collectors.len(), max_batch);
+            let udp = match cfg.transport {
+                Transport::Udp => {
+                    let t = flush::udp::UdpTransport::bind(&cfg.collectors, max_batch).await?;
+                    // Full-sized datagrams make runs one segmented send takes.
+                    outbox_cfg.pad_full = t.segmentation();
+                    Some(t)
+                }
+                Transport::Quic => None,
+            };
+            let outbox = Outbox::new(outbox_cfg, keys.current().clone())
+                .with_first_nonce(http::now_ms() << 16);
             macro_rules! deliver {
                 ($t:expr) => {
                     background.push(tokio::spawn(flush::shell::run(
@@ -146,7 +153,8 @@ impl Edge {
             }
             match (cfg.transport, &cfg.quic) {
                 (Transport::Udp, _) => {
-                    deliver!(flush::udp::UdpTransport::bind(&cfg.collectors).await?)
+                    let t = udp.context("the UDP transport was bound above")?;
+                    deliver!(t)
                 }
                 (Transport::Quic, Some(q)) => {
                     deliver!(flush::quic::QuicTransport::bind(&cfg.collectors, q).await?)
@@ -432,6 +440,24 @@ fn render_delivery(d: &DeliveryStats, out: &mut String) {
         "affgate_edge_delivery_send_errors_total",
         "Datagram sends the OS refused.",
         d.send_errors.load(Ordering::Relaxed),
+    );
+    counter(
+        out,
+        "affgate_edge_delivery_segmented_sends_total",
+        "UDP sends that carried several datagrams at once (segmentation offload).",
+        d.segmented_sends.load(Ordering::Relaxed),
+    );
+    counter(
+        out,
+        "affgate_edge_delivery_segmented_datagrams_total",
+        "Datagrams that went out in segmented UDP sends.",
+        d.segmented_datagrams.load(Ordering::Relaxed),
+    );
+    gauge(
+        out,
+        "affgate_edge_delivery_segmentation_offload",
+        "1 while UDP sends use segmentation offload (UDP_SEGMENT), else 0.",
+        d.segmentation_offload.load(Ordering::Relaxed) as f64,
     );
     gauge(
         out,

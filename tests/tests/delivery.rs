@@ -154,6 +154,29 @@ fn every_answered_event_lands_exactly_once(transport: Transport) {
         POLL,
         || (edge_metric(&edge, "affgate_edge_delivery_in_flight_records") == 0.0).then_some(()),
     );
+    if transport == Transport::Udp {
+        assert_segmented_bursts(&edge, &collector);
+    }
+}
+
+/// Where the kernel has UDP segmentation offload the edge uses it for the
+/// load's bursts, and the collector's receive offload reads such runs
+/// whole; what landed above shows nothing was lost doing so.
+fn assert_segmented_bursts(edge: &EdgeProc, collector: &CollectorProc) {
+    if edge_metric(edge, "affgate_edge_delivery_segmentation_offload") == 0.0 {
+        eprintln!("no UDP segmentation offload on this kernel; segmented sends not checked");
+        return;
+    }
+    let sends = edge_metric(edge, "affgate_edge_delivery_segmented_sends_total");
+    let datagrams = edge_metric(edge, "affgate_edge_delivery_segmented_datagrams_total");
+    assert!(
+        sends > 0.0 && datagrams >= 2.0 * sends,
+        "bursts went out segmented: {sends} sends, {datagrams} datagrams"
+    );
+    assert!(
+        collector_metric(collector, "affgate_collector_udp_coalesced_reads_total") > 0.0,
+        "the collector read some segmented runs whole"
+    );
 }
 
 #[test]

@@ -30,6 +30,12 @@ use std::time::{Duration, Instant};
 
 use affgate_schema::datagram::{self, Kind};
 use affgate_schema::keys::KeyRing;
+use std::io::IoSliceMut;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
+
+use nix::sys::socket::{ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg, sockopt};
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 
@@ -70,6 +76,8 @@ pub struct Received {
 #[derive(Debug, Default)]
 pub struct IngestStats {
     pub datagrams: AtomicU64,
+    /// UDP reads that carried more than one datagram (receive offload).
+    pub coalesced_reads: AtomicU64,
     pub dropped: [AtomicU64; DROP_REASONS.len()],
     pub batches: AtomicU64,
     pub entries: AtomicU64,
@@ -104,6 +112,13 @@ pub(crate) fn now_ms() -> u64 {
 }
 
 /// Read datagrams, verify, queue batch bodies for the writer.
+///
+/// The socket asks for generic receive offload (`UDP_GRO`, Linux 5.0+):
+/// datagrams of one sender that arrive back to back (an edge's segmented
+/// send, see the edge's `flush/udp.rs`) come up in one read, cut at the
+/// size the kernel reports ([`segments`]), and each is then opened on its
+/// own exactly as if it had been read alone. Without the option every read
+/// is one datagram.
 pub async fn receive(
     sock: Arc<UdpSocket>,
     keys: KeyRing,
@@ -111,20 +126,77 @@ pub async fn receive(
     stats: Arc<IngestStats>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    if let Err(e) = nix::sys::socket::setsockopt(&*sock, sockopt::UdpGroSegment, &true) {
+        tracing::info!(error = %e, "UDP receive offload unavailable; one datagram per read");
+    }
+    // A coalesced read is at most one IP packet's payload.
     let mut buf = vec![0u8; 65_536];
+    let mut cmsg = nix::cmsg_space!(i32);
+    let fd = sock.as_raw_fd();
     loop {
-        let (n, addr) = tokio::select! {
-            r = sock.recv_from(&mut buf) => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::debug!(error = %e, "udp receive failed");
-                    continue;
-                }
-            },
+        let read = tokio::select! {
+            r = sock.async_io(Interest::READABLE, || recv_coalesced(fd, &mut buf, &mut cmsg)) => r,
             _ = shutdown.changed() => return,
         };
-        accept(&keys, &buf[..n], Route::Udp(addr), &tx, &stats);
+        let (n, addr, stride) = match read {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::debug!(error = %e, "udp receive failed");
+                continue;
+            }
+        };
+        if stride < n {
+            stats.coalesced_reads.fetch_add(1, Ordering::Relaxed);
+        }
+        for d in segments(&buf[..n], stride) {
+            accept(&keys, d, Route::Udp(addr), &tx, &stats);
+        }
     }
+}
+
+/// One `recvmsg`: bytes read, the sender, and the size of each datagram in
+/// them (the GRO segment size; `n` when the read is one datagram).
+#[allow(clippy::ptr_arg)] // nix's `recvmsg` takes the control buffer as a `Vec`
+fn recv_coalesced(
+    fd: RawFd,
+    buf: &mut [u8],
+    cmsg: &mut Vec<u8>,
+) -> std::io::Result<(usize, SocketAddr, usize)> {
+    let mut iov = [IoSliceMut::new(buf)];
+    let msg = recvmsg::<SockaddrStorage>(fd, &mut iov, Some(cmsg), MsgFlags::empty())
+        .map_err(std::io::Error::from)?;
+    let n = msg.bytes;
+    let mut stride = n;
+    if let Ok(cmsgs) = msg.cmsgs() {
+        for c in cmsgs {
+            if let ControlMessageOwned::UdpGroSegments(size) = c
+                && let Ok(size) = usize::try_from(size)
+                && size > 0
+            {
+                stride = size;
+            }
+        }
+    }
+    let addr = msg
+        .address
+        .as_ref()
+        .and_then(|a| {
+            a.as_sockaddr_in()
+                .map(|v4| SocketAddr::V4((*v4).into()))
+                .or_else(|| a.as_sockaddr_in6().map(|v6| SocketAddr::V6((*v6).into())))
+        })
+        .ok_or_else(|| std::io::Error::other("udp datagram without an IP source address"))?;
+    Ok((n, addr, stride))
+}
+
+/// The datagrams in one (possibly coalesced) read: `stride` bytes each,
+/// the last one possibly shorter. A zero stride is one datagram.
+pub fn segments(bytes: &[u8], stride: usize) -> std::slice::Chunks<'_, u8> {
+    bytes.chunks(if stride == 0 {
+        bytes.len().max(1)
+    } else {
+        stride
+    })
 }
 
 /// Count one datagram (or QUIC stream), open it, and queue its batch body
@@ -358,5 +430,22 @@ async fn commit<S: AckSink>(
                 Err(e) => tracing::debug!(to = %peer.route, error = %e, "ack send failed"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::segments;
+
+    #[test]
+    fn a_coalesced_read_splits_at_the_stride_with_a_shorter_last() {
+        let bytes: Vec<u8> = (0..25u8).collect();
+        let parts: Vec<&[u8]> = segments(&bytes, 10).collect();
+        assert_eq!(parts, [&bytes[..10], &bytes[10..20], &bytes[20..]]);
+        let one: Vec<&[u8]> = segments(&bytes, 25).collect();
+        assert_eq!(one, [&bytes[..]], "stride = length: one datagram");
+        let zero: Vec<&[u8]> = segments(&bytes, 0).collect();
+        assert_eq!(zero, [&bytes[..]], "no stride reported: one datagram");
+        assert_eq!(segments(&[], 0).count(), 0, "an empty read is no datagram");
     }
 }

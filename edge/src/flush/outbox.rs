@@ -47,6 +47,18 @@
 //! an event's objects, at a tenth of the cost; the tests decode both and
 //! compare.
 //!
+//! # Padding
+//!
+//! With [`OutboxConfig::pad_full`], a datagram that is closed because the
+//! next due record did not fit (more due records follow it in the same
+//! poll loop) is padded with zero bytes, after the `Batch` message and
+//! inside the MAC, to exactly `max_datagram_bytes`; the last datagram of a
+//! burst and oversize ones are not. A burst is then a run of equal-sized
+//! datagrams and one shorter: what UDP segmentation offload (`UDP_SEGMENT`)
+//! sends in one system call (`flush/udp.rs`). Receivers read the message by
+//! its segment table and ignore the bytes after it, as Cap'n Proto's flat
+//! slice reader does.
+//!
 //! # Undecodable payloads
 //!
 //! A ring record that passed its checksum but is not a Cap'n Proto `Event`
@@ -179,8 +191,12 @@ pub struct OutboxConfig {
     /// Probe interval towards collector 0 while failed over (default 2 s; at
     /// least 1 ms).
     pub probe_every: Duration,
-    /// Bound [`Outbox::room`] reports against (default 16384).
+    /// Bound [`Outbox::room`] reports against (default 65536).
     pub max_in_flight: usize,
+    /// Pad a datagram to exactly `max_datagram_bytes` when more due records
+    /// follow it (see "Padding"); default off. The UDP transport sets it
+    /// when it can send with segmentation offload.
+    pub pad_full: bool,
 }
 
 impl OutboxConfig {
@@ -197,6 +213,7 @@ impl OutboxConfig {
             failover_after: FAILOVER_AFTER,
             probe_every: PROBE_EVERY,
             max_in_flight: MAX_IN_FLIGHT,
+            pad_full: false,
         }
     }
 }
@@ -522,13 +539,22 @@ impl Outbox {
             }
         }
         let current = self.current;
-        let mut out = self.seal_batch(current, &seqs, words, false);
+        // More due records than go in this datagram: others follow it in
+        // this poll loop, so it is padded to full size (see "Padding").
+        let body_len = if self.cfg.pad_full && self.due.len() > seqs.len() {
+            self.cfg
+                .max_datagram_bytes
+                .saturating_sub(HEADER_LEN + MAC_LEN)
+        } else {
+            0
+        };
+        let mut out = self.seal_batch_to(current, &seqs, words, false, body_len);
         // The size above is exact for canonical events; should an event copy
         // come out larger, drop entries back until it fits.
         while out.bytes.len() > self.cfg.max_datagram_bytes && seqs.len() > 1 {
             let seq = seqs.pop().expect("batch has more than one entry");
             words -= ENTRY_WORDS + self.slot(seq).event_words;
-            out = self.seal_batch(current, &seqs, words, false);
+            out = self.seal_batch_to(current, &seqs, words, false, body_len);
         }
         out.oversize = out.bytes.len() > self.cfg.max_datagram_bytes;
         if out.oversize {
@@ -787,6 +813,18 @@ impl Outbox {
         words: usize,
         probe: bool,
     ) -> Outgoing {
+        self.seal_batch_to(collector, seqs, words, probe, 0)
+    }
+
+    /// Encode and seal; the body is zero-padded to at least `body_len` bytes.
+    fn seal_batch_to(
+        &mut self,
+        collector: usize,
+        seqs: &[u64],
+        words: usize,
+        probe: bool,
+        body_len: usize,
+    ) -> Outgoing {
         let slots = &self.slots;
         pack_batch(
             self.cfg.edge_id,
@@ -797,6 +835,9 @@ impl Outbox {
             words,
             &mut self.body,
         );
+        if self.body.len() < body_len {
+            self.body.resize(body_len, 0);
+        }
         let mut bytes = Vec::new();
         datagram::seal(
             &self.keys,
@@ -1072,6 +1113,14 @@ mod tests {
 
     /// What a collector sees in a datagram: (collector-visible nonce, seq, event).
     fn open_batch(bytes: &[u8]) -> (u64, Vec<(u64, Event)>) {
+        let (nonce, entries, padding) = open_padded_batch(bytes);
+        assert_eq!(padding, 0, "no bytes after the message");
+        (nonce, entries)
+    }
+
+    /// [`open_batch`] for a datagram that may be padded: also how many zero
+    /// bytes follow the message.
+    fn open_padded_batch(bytes: &[u8]) -> (u64, Vec<(u64, Event)>, usize) {
         let (h, body) = datagram::open(&KeyRing::new(keys()), 0, bytes).expect("mac checks");
         assert_eq!((h.kind, h.edge_id), (Kind::Batch, EDGE));
         let mut words = Vec::new();
@@ -1079,7 +1128,8 @@ mod tests {
         let mut rest = body;
         let msg = capnp::serialize::read_message_from_flat_slice(&mut rest, ReaderOptions::new())
             .expect("batch decodes");
-        assert!(rest.is_empty());
+        assert!(rest.iter().all(|&b| b == 0), "padding is zeros");
+        let padding = rest.len();
         let b = msg.get_root::<batch::Reader<'_>>().unwrap();
         assert_eq!(b.get_edge_id(), EDGE);
         let entries = b
@@ -1093,7 +1143,7 @@ mod tests {
                 )
             })
             .collect();
-        (h.nonce, entries)
+        (h.nonce, entries, padding)
     }
 
     fn ack_body(edge_id: u16, ranges: &[(u64, u64)]) -> Vec<u8> {
@@ -1278,6 +1328,43 @@ mod tests {
             "raw packing decodes"
         );
         assert_eq!(decode_batch(&copy), (EDGE, want), "reference decodes");
+    }
+
+    #[test]
+    fn a_burst_is_padded_to_full_datagrams_but_its_last_one() {
+        let t0 = Instant::now();
+        let mut plain = Outbox::new(cfg(1, 1200), keys());
+        let mut padded = Outbox::new(
+            OutboxConfig {
+                pad_full: true,
+                ..cfg(1, 1200)
+            },
+            keys(),
+        );
+        let recs: Vec<Record> = (1..=40)
+            .map(|s| record(s, 60 + (s as usize * 7) % 50))
+            .collect();
+        for r in &recs {
+            plain.push(r.clone(), t0).unwrap();
+            padded.push(r.clone(), t0).unwrap();
+        }
+        let plain = drain(&mut plain, t0);
+        let padded = drain(&mut padded, t0);
+        assert!(padded.len() > 2, "a burst of several datagrams");
+        assert_eq!(padded.len(), plain.len(), "padding moves no record");
+        let (last, full) = padded.split_last().unwrap();
+        assert!(
+            full.iter().all(|d| d.bytes.len() == 1200),
+            "full size but the last"
+        );
+        assert!(last.bytes.len() < 1200, "the last is not padded");
+        for (p, q) in padded.iter().zip(&plain) {
+            let (_, pe, padding) = open_padded_batch(&p.bytes);
+            let (_, qe) = open_batch(&q.bytes);
+            assert_eq!(pe, qe, "same entries, same events");
+            assert_eq!(padding, p.bytes.len() - q.bytes.len(), "only zeros added");
+            assert_eq!(p.records, q.records);
+        }
     }
 
     #[test]

@@ -17,6 +17,7 @@ use affgate_schema::keys::KeyRing;
 use tokio::sync::watch;
 
 use super::outbox::{Outbox, OutboxStats, Outgoing};
+use super::udp::GsoStats;
 use crate::ring::{Record, Ring};
 
 /// Moves datagrams to and from collectors. `recv` must be cancel-safe: the
@@ -28,9 +29,32 @@ pub trait Transport: Send + 'static {
         collector: usize,
         out: &Outgoing,
     ) -> impl Future<Output = std::io::Result<()>> + Send;
+    /// Send `outs` in order; returns how many failed (those records stay in
+    /// flight and are resent on their deadline). The default sends one at a
+    /// time; UDP sends runs of them in one call ([`super::udp::gso_run`]).
+    fn send_all(&mut self, outs: &[Outgoing]) -> impl Future<Output = usize> + Send {
+        async move {
+            let mut failed = 0;
+            for out in outs {
+                if let Err(e) = self.send(out.collector, out).await {
+                    tracing::debug!(collector = out.collector, error = %e, "send failed");
+                    failed += 1;
+                }
+            }
+            failed
+        }
+    }
+    /// Segmented sends so far (none for transports without them).
+    fn gso_stats(&self) -> GsoStats {
+        GsoStats::default()
+    }
     /// The next datagram from any collector, with that collector's index.
     fn recv(&mut self) -> impl Future<Output = std::io::Result<(usize, Vec<u8>)>> + Send;
 }
+
+/// Datagrams the shell polls from the Outbox before handing them to the
+/// transport at once: a segmented UDP send's worth.
+const SEND_CHUNK: usize = super::udp::GSO_MAX_SEGMENTS;
 
 /// How often the flusher publishes the Outbox's stats for `/metrics`.
 const STATS_EVERY: Duration = Duration::from_millis(100);
@@ -58,6 +82,12 @@ pub struct DeliveryStats {
     pub dropped: [AtomicU64; DROP_REASONS.len()],
     pub send_errors: AtomicU64,
     pub ring_errors: AtomicU64,
+    /// Segmented UDP sends (`sendmsg` calls carrying several datagrams).
+    pub segmented_sends: AtomicU64,
+    /// Datagrams that went out in segmented sends.
+    pub segmented_datagrams: AtomicU64,
+    /// 1 while UDP segmentation offload is on, else 0.
+    pub segmentation_offload: AtomicU64,
 }
 
 impl DeliveryStats {
@@ -85,6 +115,7 @@ pub async fn run<T: Transport>(
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut polled: Vec<Record> = Vec::with_capacity(1024);
+    let mut outgoing: Vec<Outgoing> = Vec::with_capacity(SEND_CHUNK);
     let mut rng = fastrand::Rng::new();
     let mut published: Option<Instant> = None;
     loop {
@@ -108,12 +139,20 @@ pub async fn run<T: Transport>(
                     }
                 }
                 outbox.set_jitter(rng.f64() * 0.4 + 0.8);
-                while let Some(out) = outbox.poll_datagram(now) {
-                    if let Err(e) = transport.send(out.collector, &out).await {
-                        // The records stay in flight and are resent on their deadline.
-                        stats.send_errors.fetch_add(1, Ordering::Relaxed);
-                        tracing::debug!(collector = out.collector, error = %e, "send failed");
+                loop {
+                    outgoing.clear();
+                    while outgoing.len() < SEND_CHUNK {
+                        match outbox.poll_datagram(now) {
+                            Some(out) => outgoing.push(out),
+                            None => break,
+                        }
                     }
+                    if outgoing.is_empty() {
+                        break;
+                    }
+                    // Failed sends' records stay in flight and are resent on their deadline.
+                    let failed = transport.send_all(&outgoing).await;
+                    stats.send_errors.fetch_add(failed as u64, Ordering::Relaxed);
                 }
                 // A snapshot walks every record in flight: often enough for
                 // scrapes and for tests polling a gauge, not every tick.
@@ -122,6 +161,10 @@ pub async fn run<T: Transport>(
                     if let Ok(mut s) = stats.outbox.lock() {
                         *s = outbox.stats();
                     }
+                    let g = transport.gso_stats();
+                    stats.segmented_sends.store(g.segmented_sends, Ordering::Relaxed);
+                    stats.segmented_datagrams.store(g.segmented_datagrams, Ordering::Relaxed);
+                    stats.segmentation_offload.store(u64::from(g.offload), Ordering::Relaxed);
                 }
             }
             r = transport.recv() => {
