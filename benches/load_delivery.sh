@@ -8,6 +8,8 @@
 #       requests (wrk's delay()), so AFFGATE_LOAD_CONNS sets the rate
 #       (about 72 connections give 20,000 clicks/s here); for the lag target.
 #   AFFGATE_LOAD_WINDOW_MS=50: the collector's [ingest] window_ms (default: its own).
+#   AFFGATE_LOAD_BIN_DIR=DIR: run DIR/affgate-edge and DIR/affgate-collector
+#       instead of this tree's release build (A/B against another commit).
 #   AFFGATE_LOAD_NO_ROLLUP=1: diagnostic, drops the clicks_hourly view after
 #       the migration, to see what the rollup costs ClickHouse per insert.
 #   AFFGATE_LOAD_BACKLOG=1 benches/load_delivery.sh 20
@@ -42,8 +44,9 @@ paced=${AFFGATE_LOAD_PACED:-}
 window_ms=${AFFGATE_LOAD_WINDOW_MS:-}
 backlog=${AFFGATE_LOAD_BACKLOG:-}
 no_rollup=${AFFGATE_LOAD_NO_ROLLUP:-}
+bin_dir=${AFFGATE_LOAD_BIN_DIR:-}
 # Every AFFGATE_* variable is a config key to the binaries: keep ours out.
-unset AFFGATE_LOAD_CONNS AFFGATE_LOAD_PACED AFFGATE_LOAD_WINDOW_MS AFFGATE_LOAD_BACKLOG AFFGATE_LOAD_NO_ROLLUP
+unset AFFGATE_LOAD_CONNS AFFGATE_LOAD_PACED AFFGATE_LOAD_WINDOW_MS AFFGATE_LOAD_BACKLOG AFFGATE_LOAD_NO_ROLLUP AFFGATE_LOAD_BIN_DIR
 db=affgate_load
 
 ./deploy/install.sh >/dev/null
@@ -52,9 +55,16 @@ db=affgate_load
 # insert depends on what was deleted minutes before (benches/clickhouse_fs.sh).
 echo "== $(benches/clickhouse_fs.sh status)"
 command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
-cargo build --release --locked -q -p affgate-edge -p affgate-collector
-edge="$root/target/release/affgate-edge"
-collector="$root/target/release/affgate-collector"
+if [ -n "$bin_dir" ]; then
+  edge="$bin_dir/affgate-edge"
+  collector="$bin_dir/affgate-collector"
+  [ -x "$edge" ] && [ -x "$collector" ] || { echo "no affgate-edge and affgate-collector in $bin_dir" >&2; exit 2; }
+  echo "== binaries from $bin_dir"
+else
+  cargo build --release --locked -q -p affgate-edge -p affgate-collector
+  edge="$root/target/release/affgate-edge"
+  collector="$root/target/release/affgate-collector"
+fi
 
 work=$(mktemp -d /tmp/affgate-load.XXXXXX)
 pids=()
@@ -150,7 +160,7 @@ fi
 # CPU time (utime + stime, clock ticks) of a process and its threads.
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 hz=$(getconf CLK_TCK)
-ch_pid=$(pgrep -o -x clickhouse-server || pgrep -o -f 'clickhouse-server --config' || true)
+ch_pid=$(pgrep -o -x clickhouse-server 2>/dev/null || pgrep -o -f 'clickhouse-server --config' || true)
 if [ -z "$backlog" ]; then
   c0=$(cpu_ticks "$collector_pid"); s0=$( [ -n "$ch_pid" ] && cpu_ticks "$ch_pid" || echo 0)
 fi
