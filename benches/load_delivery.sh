@@ -267,11 +267,11 @@ PY
 fi
 if [ -n "$collector_metrics" ]; then
   echo "collector counters (/metrics):"
-  curl -fsS "http://$collector_metrics/metrics" | grep -E '^affgate_collector_(datagrams_received|entries|duplicate_entries|clicks_written|windows_committed|windows_failed|datagrams_dropped)_total' | sed 's/^/  /'
+  curl -fsS "http://$collector_metrics/metrics" | grep -E '^affgate_collector_(datagrams_received|udp_coalesced_reads|entries|duplicate_entries|clicks_written|windows_committed|windows_failed|datagrams_dropped)_total' | sed 's/^/  /'
 fi
 if [ -n "$edge_metrics" ]; then
   echo "edge delivery (/metrics):"
-  curl -fsS "http://$edge_metrics/metrics" | grep -E '^affgate_edge_delivery_(datagrams_sent_total|records_sent_total|records_resent_total|rtt_seconds|first_resend_seconds) ' | sed 's/^/  /'
+  curl -fsS "http://$edge_metrics/metrics" | grep -E '^affgate_edge_delivery_(datagrams_sent_total|segmented_sends_total|segmented_datagrams_total|records_sent_total|records_resent_total|rtt_seconds|first_resend_seconds) ' | sed 's/^/  /'
 fi
 ch "DROP DATABASE IF EXISTS $db" >/dev/null
 rm -f "/dev/shm/affgate-load-$$.ring"
