@@ -126,35 +126,30 @@ impl Edge {
                 Transport::Udp => cfg.max_datagram_bytes,
                 Transport::Quic => cfg.max_datagram_bytes.min(flush::quic::MAX_BATCH_BYTES),
             };
-            let mut outbox_cfg = OutboxConfig::new(cfg.edge_id, cfg.collectors.len(), max_batch);
-            let udp = match cfg.transport {
-                Transport::Udp => {
-                    let t = flush::udp::UdpTransport::bind(&cfg.collectors, max_batch).await?;
-                    // Full-sized datagrams make runs one segmented send takes.
-                    outbox_cfg.pad_full = t.segmentation();
-                    Some(t)
-                }
-                Transport::Quic => None,
-            };
-            let outbox = Outbox::new(outbox_cfg, keys.current().clone())
-                .with_first_nonce(http::now_ms() << 16);
             macro_rules! deliver {
-                ($t:expr) => {
+                ($t:expr) => {{
+                    let t = $t;
+                    // Full-sized datagrams make the runs a segmented send takes.
+                    let outbox_cfg = OutboxConfig {
+                        pad_full: flush::shell::Transport::gso_stats(&t).offload,
+                        ..OutboxConfig::new(cfg.edge_id, cfg.collectors.len(), max_batch)
+                    };
+                    let outbox = Outbox::new(outbox_cfg, keys.current().clone())
+                        .with_first_nonce(http::now_ms() << 16);
                     background.push(tokio::spawn(flush::shell::run(
                         ring.clone(),
                         outbox,
                         keys.clone(),
-                        $t,
+                        t,
                         cfg.flush_interval,
                         delivery.clone(),
                         shutdown_rx.clone(),
                     )))
-                };
+                }};
             }
             match (cfg.transport, &cfg.quic) {
                 (Transport::Udp, _) => {
-                    let t = udp.context("the UDP transport was bound above")?;
-                    deliver!(t)
+                    deliver!(flush::udp::UdpTransport::bind(&cfg.collectors, max_batch).await?)
                 }
                 (Transport::Quic, Some(q)) => {
                     deliver!(flush::quic::QuicTransport::bind(&cfg.collectors, q).await?)

@@ -17,7 +17,6 @@ use affgate_schema::keys::KeyRing;
 use tokio::sync::watch;
 
 use super::outbox::{Outbox, OutboxStats, Outgoing};
-use super::udp::GsoStats;
 use crate::ring::{Record, Ring};
 
 /// Moves datagrams to and from collectors. `recv` must be cancel-safe: the
@@ -50,6 +49,18 @@ pub trait Transport: Send + 'static {
     }
     /// The next datagram from any collector, with that collector's index.
     fn recv(&mut self) -> impl Future<Output = std::io::Result<(usize, Vec<u8>)>> + Send;
+}
+
+/// A transport's segmented sends (`flush/udp.rs`); all zero for one that
+/// sends a datagram per call.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GsoStats {
+    /// Segmentation offload is on (it turns off for good when refused).
+    pub offload: bool,
+    /// `sendmsg` calls that carried more than one datagram.
+    pub segmented_sends: u64,
+    /// Datagrams sent in them.
+    pub segmented_datagrams: u64,
 }
 
 /// Datagrams the shell polls from the Outbox before handing them to the

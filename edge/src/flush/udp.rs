@@ -30,7 +30,7 @@ use tokio::io::Interest;
 use tokio::net::UdpSocket;
 
 use super::outbox::Outgoing;
-use super::shell::{Transport, UNKNOWN_COLLECTOR};
+use super::shell::{GsoStats, Transport, UNKNOWN_COLLECTOR};
 
 /// Most datagrams in one segmented send (the kernel's `UDP_MAX_SEGMENTS`
 /// is 64 on older kernels, 128 on newer ones).
@@ -48,17 +48,6 @@ pub struct UdpTransport {
     gso_segment_max: usize,
     /// Segmented sends that went out, for `/metrics`.
     stats: GsoStats,
-}
-
-/// Counters of segmented sends.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct GsoStats {
-    /// Segmentation offload is on (it turns off for good when refused).
-    pub offload: bool,
-    /// `sendmsg` calls that carried more than one datagram.
-    pub segmented_sends: u64,
-    /// Datagrams sent in them.
-    pub segmented_datagrams: u64,
 }
 
 /// Resolve `host:port` strings, in order.
@@ -141,6 +130,10 @@ impl UdpTransport {
         })
     }
 
+    fn addr(&self, collector: usize) -> SocketAddr {
+        self.addrs[collector % self.addrs.len()]
+    }
+
     /// Whether runs of datagrams go out in one segmented send.
     pub fn segmentation(&self) -> bool {
         self.gso_segment_max > 0
@@ -167,8 +160,8 @@ impl UdpTransport {
 
 impl Transport for UdpTransport {
     async fn send(&mut self, collector: usize, out: &Outgoing) -> std::io::Result<()> {
-        let to = self.addrs[collector % self.addrs.len()];
-        self.sock.send_to(&out.bytes, to).await.map(|_| ())
+        self.send_run(self.addr(collector), std::slice::from_ref(out))
+            .await
     }
 
     async fn send_all(&mut self, outs: &[Outgoing]) -> usize {
@@ -177,8 +170,7 @@ impl Transport for UdpTransport {
         while i < outs.len() {
             let n = gso_run(&outs[i..], self.gso_segment_max);
             let run = &outs[i..i + n];
-            let to = self.addrs[run[0].collector % self.addrs.len()];
-            match self.send_run(to, run).await {
+            match self.send_run(self.addr(run[0].collector), run).await {
                 Ok(()) => {
                     if n > 1 {
                         self.stats.segmented_sends += 1;
