@@ -194,8 +194,8 @@ pub struct OutboxConfig {
     /// Bound [`Outbox::room`] reports against (default 65536).
     pub max_in_flight: usize,
     /// Pad a datagram to exactly `max_datagram_bytes` when more due records
-    /// follow it (see "Padding"); default off. The UDP transport sets it
-    /// when it can send with segmentation offload.
+    /// follow it (see "Padding"); default off. The edge sets it when its
+    /// transport sends with segmentation offload (UDP with `UDP_SEGMENT`).
     pub pad_full: bool,
 }
 
