@@ -18,6 +18,8 @@ use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use foldhash::fast::RandomState;
+
 use affgate_schema::affgate_capnp::{ack, batch};
 use affgate_schema::event::{Click, Event, Postback, event_from_reader};
 
@@ -86,7 +88,10 @@ pub struct Window {
     max_age: Duration,
     max_rows: usize,
     opened: Option<Instant>,
-    seen: HashSet<(u16, u64)>,
+    /// `(edge_id, seq)` of this window's entries. Keys come only from
+    /// batches whose MAC verified; foldhash (seeded per process) instead of
+    /// SipHash, which was about 6 % of the collector's samples.
+    seen: HashSet<(u16, u64), RandomState>,
     clicks: Vec<Click>,
     postbacks: Vec<(u16, u64, Postback)>,
     acks: BTreeMap<Peer, Vec<u64>>,
@@ -104,7 +109,7 @@ impl Window {
             max_age,
             max_rows: max_rows.max(1),
             opened: None,
-            seen: HashSet::new(),
+            seen: HashSet::default(),
             clicks: Vec::new(),
             postbacks: Vec::new(),
             acks: BTreeMap::new(),
