@@ -10,13 +10,15 @@
 //! not.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::atomic::Ordering;
 
 use affgate_collector::config::{ClickHouseConfig, PostgresConfig};
+use affgate_collector::conversions::Processor;
 use affgate_collector::migrate;
 use affgate_collector::store::clickhouse::{ClickStore, client};
 use affgate_collector::store::postgres::{Inbox, pool};
 use affgate_collector::store::{Store, StoreError};
-use affgate_schema::{Click, DedupKey, Postback, Status};
+use affgate_schema::{Click, ClickId, DedupKey, KeyRing, Keys, Postback, Secret, Status};
 use sqlx::PgPool;
 
 fn clickhouse_url() -> String {
@@ -620,4 +622,165 @@ async fn unreachable_stores_retry() {
         .await
         .unwrap_err();
     assert!(err.is_retry(), "{err}");
+}
+
+/// A network, a two-level offer (10 EUR, 60 % and 30 %), an affiliate
+/// under a parent and one link; returns the key ring its click ids use.
+async fn ledger_with_one_link(pool: &PgPool) -> KeyRing {
+    for sql in [
+        "INSERT INTO networks (id, name, postback_token) VALUES (1, 'n', 'token-123456')",
+        "INSERT INTO offers (id, name, network_id, payout, currency, commission_levels)
+         VALUES (1, 'o', 1, 10, 'EUR', '{0.6,0.3}')",
+        "INSERT INTO affiliates (id, name, path) VALUES (1, 'parent', '1')",
+        "INSERT INTO affiliates (id, name, parent_id, path) VALUES (2, 'child', 1, '1.2')",
+        "INSERT INTO links (id, slug, offer_id, affiliate_id, destination)
+         VALUES (1, 'l1', 1, 2, 'https://example.com/')",
+    ] {
+        sqlx::query(sql).execute(pool).await.expect(sql);
+    }
+    KeyRing::new(Keys::derive(&Secret::from_bytes([7; 32])))
+}
+
+/// A postback for click `n` of link 1, clicked a minute before `now`.
+fn conversion_postback(keys: &KeyRing, n: u32, now: u64, ts_ms: u64, status: Status) -> Postback {
+    let click = ClickId::mint(keys.current(), 4, now - 60_000, 1, n).expect("link id fits");
+    Postback {
+        ts_ms,
+        edge_id: 4,
+        network_id: 1,
+        click_id: click.as_str().to_owned(),
+        txid: format!("T-{n}"),
+        event: "sale".into(),
+        status,
+        payout_micros: None,
+        currency: "EUR".into(),
+        request_id: format!("req-{n}-{}", status.as_str()),
+    }
+}
+
+async fn outcomes(pool: &PgPool) -> Vec<(String, String)> {
+    sqlx::query_as(
+        "SELECT request_id, coalesce(outcome, 'unprocessed') FROM postback_inbox ORDER BY ts, request_id",
+    )
+    .fetch_all(pool)
+    .await
+    .expect("inbox outcomes")
+}
+
+/// Inbox rows are processed in batches, one transaction each: a clean
+/// batch commits together (one `processed_at`), two events of one
+/// conversion in the same batch both apply, and a row the ledger refuses
+/// rolls the batch back, after which only that row is marked `error` and
+/// every other row is recorded exactly once.
+#[tokio::test]
+async fn a_batch_commits_together_and_a_refused_row_spoils_only_itself() {
+    let dbs = TestDbs::migrated().await;
+    let keys = ledger_with_one_link(&dbs.pool).await;
+    let inbox = Inbox::new(dbs.pool.clone());
+    let processor = Processor::new(dbs.pool.clone(), keys.clone(), None, None);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_millis() as u64;
+
+    // Nine approved conversions, and one pending then approved.
+    let mut rows: Vec<(u16, u64, Postback)> = (0..9)
+        .map(|n| {
+            (
+                4,
+                u64::from(n),
+                conversion_postback(&keys, n, now, now + u64::from(n), Status::Approved),
+            )
+        })
+        .collect();
+    rows.push((
+        4,
+        9,
+        conversion_postback(&keys, 9, now, now + 20, Status::Pending),
+    ));
+    rows.push((
+        4,
+        10,
+        conversion_postback(&keys, 9, now, now + 21, Status::Approved),
+    ));
+    assert_eq!(inbox.insert(&rows).await.expect("inbox"), 11);
+
+    assert_eq!(processor.drain().await.expect("drain"), 11);
+    let one: (i64, i64, i64, i64, String) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM conversions),
+                (SELECT count(*) FROM conversions WHERE status = 'approved'),
+                (SELECT count(*) FROM conversion_events),
+                (SELECT count(*) FROM commissions WHERE status = 'approved'),
+                (SELECT sum(amount)::text FROM commissions)",
+    )
+    .fetch_one(&dbs.pool)
+    .await
+    .expect("ledger");
+    assert_eq!(
+        one,
+        (10, 10, 11, 20, "90.000000".into()),
+        "ten approved conversions, 6 + 3 EUR each"
+    );
+    let commits: i64 =
+        sqlx::query_scalar("SELECT count(DISTINCT processed_at) FROM postback_inbox")
+            .fetch_one(&dbs.pool)
+            .await
+            .expect("processed_at");
+    assert_eq!(commits, 1, "one batch, one transaction");
+    assert!(
+        outcomes(&dbs.pool)
+            .await
+            .iter()
+            .all(|(_, o)| o == "recorded")
+    );
+
+    // The ledger refuses one row of the next batch.
+    sqlx::query(
+        "ALTER TABLE conversion_events ADD CONSTRAINT refuse_one CHECK (request_id <> 'poison')",
+    )
+    .execute(&dbs.pool)
+    .await
+    .expect("constraint");
+    let mut rows: Vec<(u16, u64, Postback)> = (10..16)
+        .map(|n| {
+            (
+                4,
+                u64::from(n) + 10,
+                conversion_postback(&keys, n, now, now + 100 + u64::from(n), Status::Approved),
+            )
+        })
+        .collect();
+    rows[2].2.request_id = "poison".into();
+    assert_eq!(inbox.insert(&rows).await.expect("inbox"), 6);
+
+    assert_eq!(
+        processor.drain().await.expect("drain past a refused row"),
+        6
+    );
+    let got = outcomes(&dbs.pool).await;
+    let refused: Vec<&str> = got
+        .iter()
+        .filter(|(_, o)| o != "recorded")
+        .map(|(r, o)| {
+            assert_eq!(o, "error", "{r}");
+            r.as_str()
+        })
+        .collect();
+    assert_eq!(refused, ["poison"]);
+    let two: (i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM conversions),
+                (SELECT count(*) FROM conversion_events),
+                (SELECT count(*) FROM commissions)",
+    )
+    .fetch_one(&dbs.pool)
+    .await
+    .expect("ledger");
+    assert_eq!(
+        two,
+        (15, 16, 30),
+        "five more, and nothing of the refused row"
+    );
+    assert_eq!(processor.stats.recorded.load(Ordering::Relaxed), 16);
+    assert_eq!(processor.stats.refused.load(Ordering::Relaxed), 1);
+    assert_eq!(processor.drain().await.expect("empty inbox"), 0);
 }

@@ -6,15 +6,20 @@
 //! - `split`: the pure commission split and its rounding rule.
 //! - `mirror`: conversion events into ClickHouse's `conversions` table.
 //!
-//! This file is the PostgreSQL shell. One inbox row is one transaction:
-//! claim the oldest unprocessed row (`FOR UPDATE SKIP LOCKED`, so several
-//! collectors share the queue), verify and decode its click id, load the
-//! link, offer and affiliate path, lock or create the conversion
-//! (`conversion_key` is unique), decide, write the event (`dedup_key` is
-//! unique), the commissions (unique per conversion and level), the cap
-//! count (its row locked), and mark the inbox row processed with its
-//! outcome. Nothing here trusts luck: every double-count is excluded by a
-//! constraint or a row lock inside that transaction.
+//! This file is the PostgreSQL shell. Inbox rows are taken in batches of
+//! up to [`CLAIM_BATCH`], oldest first, in one transaction (`FOR UPDATE
+//! SKIP LOCKED`, so several collectors share the queue). Each row, in
+//! order: verify and decode its click id, load the link, offer and
+//! affiliate path, lock or create the conversion (`conversion_key` is
+//! unique), decide, write the event (`dedup_key` is unique), the
+//! commissions (unique per conversion and level) and the cap count (its
+//! row locked); then all the batch's rows are marked processed with their
+//! outcomes and the transaction commits. A row that fails (the ledger
+//! refuses its values, another collector raced it, a deadlock) rolls the
+//! whole batch back, and those rows are taken again one per transaction,
+//! so one bad row costs its batch a retry, never a wrong count. Nothing
+//! here trusts luck: every double-count is excluded by a constraint or a
+//! row lock inside the transaction that commits it.
 
 pub mod decide;
 pub mod mirror;
@@ -36,6 +41,10 @@ use decide::{ConvStatus, NewConversion};
 /// Longest idle wait between looks at the inbox when nobody wakes us.
 const IDLE_POLL: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Inbox rows taken per transaction. One commit (one WAL flush) and one
+/// mark statement for the batch instead of per row; the row locks
+/// (conversion, cap) are held for the batch, a few milliseconds.
+pub const CLAIM_BATCH: i64 = 64;
 
 /// Counters for `/metrics`, by outcome.
 #[derive(Debug, Default)]
@@ -72,6 +81,17 @@ impl Outcome {
 #[derive(Debug, thiserror::Error)]
 #[error("conversion created concurrently")]
 struct Raced;
+
+/// What one batch came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Batch {
+    /// No unprocessed rows.
+    Empty,
+    /// This many rows processed and committed.
+    Done(u64),
+    /// A row failed and this many rows were rolled back, untouched.
+    Failed(u64),
+}
 
 /// One claimed inbox row.
 #[derive(Debug)]
@@ -124,10 +144,57 @@ impl Processor {
     /// Process until the inbox is empty; returns how many rows were done.
     pub async fn drain(&self) -> anyhow::Result<u64> {
         let mut n = 0;
-        while self.process_one().await? {
-            n += 1;
+        loop {
+            match self.process_batch().await? {
+                Batch::Empty => return Ok(n),
+                Batch::Done(k) => n += k,
+                Batch::Failed(k) => {
+                    // One row spoilt the batch: take those rows again one
+                    // per transaction, where a bad row only marks itself.
+                    for _ in 0..k {
+                        if !self.process_one().await? {
+                            break;
+                        }
+                        n += 1;
+                    }
+                }
+            }
         }
-        Ok(n)
+    }
+
+    /// Claim up to [`CLAIM_BATCH`] rows and process them in one transaction.
+    async fn process_batch(&self) -> anyhow::Result<Batch> {
+        let mut tx = self.pool.begin().await.context("begin")?;
+        let rows = claim(&mut tx, CLAIM_BATCH).await?;
+        if rows.is_empty() {
+            return Ok(Batch::Empty);
+        }
+        let mut done = Vec::with_capacity(rows.len());
+        for row in &rows {
+            match self.process(&mut tx, row).await {
+                Ok(r) => done.push(r),
+                Err(e) if rows.len() > 1 => {
+                    tracing::debug!(
+                        error = format!("{e:#}"),
+                        rows = rows.len(),
+                        "batch rolled back; its rows are taken one by one"
+                    );
+                    return Ok(Batch::Failed(rows.len() as u64));
+                }
+                Err(e) => {
+                    drop(tx);
+                    return self.settle_failure(row, e).await.map(|()| Batch::Done(1));
+                }
+            }
+        }
+        let keys: Vec<&[u8]> = rows.iter().map(|r| &r.dedup_key[..]).collect();
+        let outcomes: Vec<&str> = done.iter().map(|(o, _)| o.as_str()).collect();
+        mark_all(&mut tx, &keys, &outcomes).await?;
+        tx.commit().await.context("commit conversions")?;
+        for (row, (outcome, capped_offer)) in rows.iter().zip(done) {
+            self.committed(row, outcome, capped_offer).await;
+        }
+        Ok(Batch::Done(rows.len() as u64))
     }
 
     /// The background task: drain whenever woken (after an inbox insert) or
@@ -160,38 +227,51 @@ impl Processor {
         }
     }
 
-    /// Claim and process the oldest unprocessed row. Ok(false): none left.
+    /// Claim and process the oldest unprocessed row in its own
+    /// transaction. Ok(false): none left.
     async fn process_one(&self) -> anyhow::Result<bool> {
         let mut tx = self.pool.begin().await.context("begin")?;
-        let Some(row) = claim(&mut tx).await? else {
+        let Some(row) = claim(&mut tx, 1).await?.pop() else {
             return Ok(false);
         };
-        let key = row.dedup_key.clone();
-        let result = self.process(&mut tx, &row).await;
-        let (outcome, capped_offer) = match result {
+        let (outcome, capped_offer) = match self.process(&mut tx, &row).await {
             Ok(r) => r,
-            Err(e) if is_data_error(&e) => {
-                // The row itself is unusable: record why, in a fresh
-                // transaction, so it does not block the queue forever.
+            Err(e) => {
                 drop(tx);
-                tracing::error!(error = format!("{e:#}"), "postback refused by the ledger");
-                let mut tx = self.pool.begin().await.context("begin")?;
-                mark(&mut tx, &key, "error").await?;
-                tx.commit().await.context("commit")?;
-                self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                self.settle_failure(&row, e).await?;
                 return Ok(true);
             }
-            Err(e) if e.is::<Raced>() => {
-                drop(tx);
-                tracing::debug!(
-                    "conversion created by another collector meanwhile; retrying the row"
-                );
-                return Ok(true);
-            }
-            Err(e) => return Err(e),
         };
-        mark(&mut tx, &key, outcome.as_str()).await?;
+        mark_all(&mut tx, &[&row.dedup_key[..]], &[outcome.as_str()]).await?;
         tx.commit().await.context("commit conversion")?;
+        self.committed(&row, outcome, capped_offer).await;
+        Ok(true)
+    }
+
+    /// A row processed alone failed and its transaction was dropped.
+    /// Unusable values are marked `error` in a fresh transaction, so the
+    /// row does not block the queue forever; a race leaves it for the next
+    /// pass, which sees the other collector's work; anything else (the
+    /// database itself) is returned for the caller's backoff.
+    async fn settle_failure(&self, row: &InboxRow, e: anyhow::Error) -> anyhow::Result<()> {
+        if is_data_error(&e) {
+            tracing::error!(error = format!("{e:#}"), "postback refused by the ledger");
+            let mut tx = self.pool.begin().await.context("begin")?;
+            mark_all(&mut tx, &[&row.dedup_key[..]], &["error"]).await?;
+            tx.commit().await.context("commit")?;
+            self.stats.refused.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        } else if e.is::<Raced>() {
+            tracing::debug!("conversion created by another collector meanwhile; retrying the row");
+            Ok(())
+        } else {
+            Err(e)
+        }
+    }
+
+    /// After the row's transaction committed: count, log, wake the mirror,
+    /// and propagate an offer that just reached its cap.
+    async fn committed(&self, row: &InboxRow, outcome: Outcome, capped_offer: Option<i64>) {
         let counter = match outcome {
             Outcome::Recorded => &self.stats.recorded,
             Outcome::NotApplied => &self.stats.not_applied,
@@ -213,7 +293,6 @@ impl Processor {
             tracing::info!(offer_id = offer, "offer reached its daily cap");
             p.offer(offer).await;
         }
-        Ok(true)
     }
 
     /// Everything inside the row's transaction. Returns the outcome and the
@@ -522,24 +601,28 @@ async fn upsert_commissions(
     Ok(())
 }
 
-async fn claim(tx: &mut Transaction<'_, Postgres>) -> anyhow::Result<Option<InboxRow>> {
-    let Some(r) = sqlx::query(
+/// Lock up to `limit` of the oldest unprocessed inbox rows, skipping rows
+/// another collector holds; oldest first.
+async fn claim(tx: &mut Transaction<'_, Postgres>, limit: i64) -> anyhow::Result<Vec<InboxRow>> {
+    let rows = sqlx::query(
         "SELECT dedup_key, edge_id, seq, network_id, click_id, txid, event, status,
                 payout::text AS payout, currency::text AS currency, request_id,
                 (extract(epoch FROM ts) * 1000)::int8 AS ts_ms,
                 (ts AT TIME ZONE 'UTC')::date::text AS day
          FROM postback_inbox WHERE processed_at IS NULL
-         ORDER BY ts LIMIT 1 FOR UPDATE SKIP LOCKED",
+         ORDER BY ts LIMIT $1 FOR UPDATE SKIP LOCKED",
     )
-    .fetch_optional(&mut **tx)
+    .bind(limit)
+    .fetch_all(&mut **tx)
     .await
-    .context("claim inbox row")?
-    else {
-        return Ok(None);
-    };
+    .context("claim inbox rows")?;
+    rows.iter().map(inbox_row).collect()
+}
+
+fn inbox_row(r: &sqlx::postgres::PgRow) -> anyhow::Result<InboxRow> {
     let status: String = r.try_get("status")?;
     let payout: Option<String> = r.try_get("payout")?;
-    Ok(Some(InboxRow {
+    Ok(InboxRow {
         dedup_key: r.try_get("dedup_key")?,
         edge_id: r.try_get("edge_id")?,
         seq: r.try_get("seq")?,
@@ -553,18 +636,25 @@ async fn claim(tx: &mut Transaction<'_, Postgres>) -> anyhow::Result<Option<Inbo
         request_id: r.try_get("request_id")?,
         ts_ms: r.try_get("ts_ms")?,
         day: r.try_get("day")?,
-    }))
+    })
 }
 
-async fn mark(tx: &mut Transaction<'_, Postgres>, key: &[u8], outcome: &str) -> anyhow::Result<()> {
+/// Mark inbox rows processed, each with its outcome, in one statement.
+async fn mark_all(
+    tx: &mut Transaction<'_, Postgres>,
+    keys: &[&[u8]],
+    outcomes: &[&str],
+) -> anyhow::Result<()> {
     sqlx::query(
-        "UPDATE postback_inbox SET processed_at = now(), outcome = $2 WHERE dedup_key = $1",
+        "UPDATE postback_inbox p SET processed_at = now(), outcome = u.outcome
+         FROM UNNEST($1::bytea[], $2::text[]) AS u(dedup_key, outcome)
+         WHERE p.dedup_key = u.dedup_key",
     )
-    .bind(key)
-    .bind(outcome)
+    .bind(keys)
+    .bind(outcomes)
     .execute(&mut **tx)
     .await
-    .context("mark inbox row")?;
+    .context("mark inbox rows")?;
     Ok(())
 }
 
