@@ -39,7 +39,11 @@
 #  6. checks, not assumes, zero loss: every request the edge answered was a
 #     302 (200 for postbacks) by its own metrics, every event it minted (its
 #     ring sequence) is in ClickHouse (clicks, FINAL) or PostgreSQL
-#     (postback_inbox), exactly once, within a deadline.
+#     (postback_inbox), exactly once, within a deadline;
+#  7. postback route only: for up to AFFGATE_BENCH_PROCESS_SECS (default 20)
+#     with no load, how fast the conversion processor works through the
+#     inbox backlog the rounds left (rows/s) and the collector's and the
+#     stores' CPU per processed row.
 # Bounded: every wrk run has a duration, every wait a deadline; a trap
 # stops nginx, the edge and the collector and removes the temp dir.
 set -euo pipefail
@@ -423,3 +427,35 @@ distinct=$(ch "SELECT uniqExact(click_id) FROM $db.clicks")
 [ "$in_pg" = "$pb_2xx" ] || { echo "FAIL: postback_inbox has $in_pg rows; the edge stored $pb_2xx" >&2; exit 1; }
 echo "delivered: $in_ch clicks in ClickHouse ($distinct distinct), $in_pg postbacks in postback_inbox: zero loss, zero extra"
 echo "ring after the drain: $("$edge" --config "$work/edge.toml" ring inspect | grep -E '^(unacked_records|spilled_records):' | tr '\n' ' ')"
+
+# Postbacks: the collector's conversion processor turns inbox rows into
+# conversions far slower than the edge takes postbacks, so a backlog is left
+# after the rounds. With nothing else running, measure for a bounded time how
+# fast it works through that backlog and what each processed row costs:
+# collector and stores (PostgreSQL, and ClickHouse for the mirror) CPU.
+if [ "$route" = postback ]; then
+  backlog() { psql -qtA "$pg_url" -c "SELECT count(*) FROM postback_inbox WHERE processed_at IS NULL"; }
+  secs=${AFFGATE_BENCH_PROCESS_SECS:-20}
+  b0=$(backlog)
+  echo "== conversion processing: $b0 of $in_pg inbox rows unprocessed; measuring for up to ${secs} s"
+  read -ra pa <<<"$(others_ticks)"
+  t0=$(date +%s%N)
+  end=$(($(date +%s) + secs))
+  while [ "$(date +%s)" -lt "$end" ]; do
+    sleep 1
+    [ "$(backlog)" = 0 ] && break
+  done
+  t1=$(date +%s%N)
+  read -ra pz <<<"$(others_ticks)"
+  b1=$(backlog)
+  python3 - "$b0" "$b1" "$t0" "$t1" "$((pz[0] - pa[0]))" "$((pz[1] - pa[1]))" "$hz" <<'PY'
+import sys
+b0, b1, t0, t1, coll, stores, hz = map(int, sys.argv[1:])
+done = b0 - b1
+secs = (t1 - t0) / 1e9
+per = lambda ticks: ticks / hz * 1e6 / max(done, 1)
+print(f"conversion processing: {done} rows in {secs:.1f} s = {done / secs:,.0f} rows/s; "
+      f"CPU per processed row: collector {per(coll):.1f} µs, stores (PostgreSQL, ClickHouse) {per(stores):.1f} µs; "
+      f"{b1} left unprocessed")
+PY
+fi
