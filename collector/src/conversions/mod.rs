@@ -145,14 +145,14 @@ impl Processor {
     pub async fn drain(&self) -> anyhow::Result<u64> {
         let mut n = 0;
         loop {
-            match self.process_batch().await? {
+            match self.process_batch(CLAIM_BATCH).await? {
                 Batch::Empty => return Ok(n),
                 Batch::Done(k) => n += k,
                 Batch::Failed(k) => {
                     // One row spoilt the batch: take those rows again one
                     // per transaction, where a bad row only marks itself.
                     for _ in 0..k {
-                        if !self.process_one().await? {
+                        if self.process_batch(1).await? == Batch::Empty {
                             break;
                         }
                         n += 1;
@@ -162,10 +162,12 @@ impl Processor {
         }
     }
 
-    /// Claim up to [`CLAIM_BATCH`] rows and process them in one transaction.
-    async fn process_batch(&self) -> anyhow::Result<Batch> {
+    /// Claim up to `limit` rows and process them in one transaction. A
+    /// failing row fails a batch of several ([`Batch::Failed`], all rolled
+    /// back); a row claimed alone is settled by [`Self::settle_failure`].
+    async fn process_batch(&self, limit: i64) -> anyhow::Result<Batch> {
         let mut tx = self.pool.begin().await.context("begin")?;
-        let rows = claim(&mut tx, CLAIM_BATCH).await?;
+        let rows = claim(&mut tx, limit).await?;
         if rows.is_empty() {
             return Ok(Batch::Empty);
         }
@@ -225,27 +227,6 @@ impl Processor {
                 _ = shutdown.changed() => return,
             }
         }
-    }
-
-    /// Claim and process the oldest unprocessed row in its own
-    /// transaction. Ok(false): none left.
-    async fn process_one(&self) -> anyhow::Result<bool> {
-        let mut tx = self.pool.begin().await.context("begin")?;
-        let Some(row) = claim(&mut tx, 1).await?.pop() else {
-            return Ok(false);
-        };
-        let (outcome, capped_offer) = match self.process(&mut tx, &row).await {
-            Ok(r) => r,
-            Err(e) => {
-                drop(tx);
-                self.settle_failure(&row, e).await?;
-                return Ok(true);
-            }
-        };
-        mark_all(&mut tx, &[&row.dedup_key[..]], &[outcome.as_str()]).await?;
-        tx.commit().await.context("commit conversion")?;
-        self.committed(&row, outcome, capped_offer).await;
-        Ok(true)
     }
 
     /// A row processed alone failed and its transaction was dropped.
