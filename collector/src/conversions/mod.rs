@@ -169,6 +169,7 @@ impl Processor {
         let mut tx = self.pool.begin().await.context("begin")?;
         let rows = claim(&mut tx, limit).await?;
         if rows.is_empty() {
+            tx.rollback().await.context("end empty claim")?;
             return Ok(Batch::Empty);
         }
         let mut done = Vec::with_capacity(rows.len());
@@ -181,10 +182,18 @@ impl Processor {
                         rows = rows.len(),
                         "batch rolled back; its rows are taken one by one"
                     );
+                    // Roll back before anything else: a dropped transaction
+                    // is only rolled back when its connection is next used,
+                    // and until then its row locks make the retries' SKIP
+                    // LOCKED claims come back empty.
+                    tx.rollback().await.context("roll back failed batch")?;
                     return Ok(Batch::Failed(rows.len() as u64));
                 }
                 Err(e) => {
-                    drop(tx);
+                    // Release the row's lock before settle_failure marks it.
+                    tx.rollback()
+                        .await
+                        .with_context(|| format!("roll back after: {e:#}"))?;
                     return self.settle_failure(row, e).await.map(|()| Batch::Done(1));
                 }
             }
