@@ -71,6 +71,13 @@ pub fn render_all(t: &Telemetry) -> String {
     family(
         &mut out,
         "counter",
+        "affgate_collector_mirror_inserts_total",
+        "ClickHouse inserts made by the conversion mirror (one per page).",
+        &[("", l(&t.mirror.stats.inserts))],
+    );
+    family(
+        &mut out,
+        "counter",
         "affgate_collector_mirror_errors_total",
         "Failed mirror passes (retried).",
         &[("", l(&t.mirror.stats.errors))],

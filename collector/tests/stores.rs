@@ -10,10 +10,13 @@
 //! not.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use affgate_collector::config::{ClickHouseConfig, PostgresConfig};
 use affgate_collector::conversions::Processor;
+use affgate_collector::conversions::mirror::Mirror;
 use affgate_collector::migrate;
 use affgate_collector::store::clickhouse::{ClickStore, client};
 use affgate_collector::store::postgres::{Inbox, pool};
@@ -783,4 +786,75 @@ async fn a_batch_commits_together_and_a_refused_row_spoils_only_itself() {
     assert_eq!(processor.stats.recorded.load(Ordering::Relaxed), 16);
     assert_eq!(processor.stats.refused.load(Ordering::Relaxed), 1);
     assert_eq!(processor.drain().await.expect("empty inbox"), 0);
+}
+
+/// Poll `done` every 20 ms until it holds; panic naming `what` after 30 s.
+async fn until(what: &str, mut done: impl FnMut() -> bool) {
+    let give_up = Instant::now() + Duration::from_secs(30);
+    while !done() {
+        assert!(Instant::now() < give_up, "gave up waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// After a partial page the mirror lingers: the events of several batches
+/// processed meanwhile reach ClickHouse in one insert, each exactly once.
+/// (The linger is 5 s here so that a slow machine still records the three
+/// batches inside it; without a linger each batch's wake is an insert.)
+#[tokio::test]
+async fn the_mirror_lingers_so_a_trickle_of_batches_is_one_insert() {
+    let dbs = TestDbs::migrated().await;
+    let keys = ledger_with_one_link(&dbs.pool).await;
+    let inbox = Inbox::new(dbs.pool.clone());
+    let mirror =
+        Arc::new(Mirror::new(dbs.pool.clone(), &dbs.ch).with_linger(Duration::from_secs(5)));
+    let processor = Processor::new(
+        dbs.pool.clone(),
+        keys.clone(),
+        None,
+        Some(mirror.wake.clone()),
+    );
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(mirror.clone().run(stopped));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_millis() as u64;
+    let record = |n: u32| {
+        let row = (
+            4,
+            u64::from(n),
+            conversion_postback(&keys, n, now, now + u64::from(n), Status::Approved),
+        );
+        let (inbox, processor) = (&inbox, &processor);
+        async move {
+            assert_eq!(inbox.insert(&[row]).await.expect("inbox"), 1);
+            assert_eq!(processor.drain().await.expect("drain"), 1);
+        }
+    };
+    let mirrored = || mirror.stats.mirrored.load(Ordering::Relaxed);
+
+    record(0).await;
+    until("the first event in clickhouse", || mirrored() == 1).await;
+    assert_eq!(mirror.stats.inserts.load(Ordering::Relaxed), 1);
+
+    for n in 1..4 {
+        record(n).await;
+    }
+    until("three more events in clickhouse", || mirrored() == 4).await;
+    assert_eq!(
+        mirror.stats.inserts.load(Ordering::Relaxed),
+        2,
+        "three batches recorded inside the linger: one insert"
+    );
+    assert_eq!(dbs.ch_count("SELECT count() FROM conversions").await, 4);
+    let unmirrored: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM conversion_events WHERE mirrored_at IS NULL")
+            .fetch_one(&dbs.pool)
+            .await
+            .expect("outbox");
+    assert_eq!(unmirrored, 0);
+    assert_eq!(mirror.stats.errors.load(Ordering::Relaxed), 0);
+    stop.send(true).expect("mirror task listens");
+    task.await.expect("mirror task ends");
 }
