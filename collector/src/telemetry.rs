@@ -40,6 +40,7 @@ fn family(out: &mut String, kind: &str, name: &str, help: &str, series: &[(&str,
 
 /// Prometheus text of every counter.
 pub fn render_all(t: &Telemetry) -> String {
+    use std::fmt::Write as _;
     let mut out = render(&t.ingest);
     let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
     let c = &t.conversions.stats;
@@ -53,6 +54,17 @@ pub fn render_all(t: &Telemetry) -> String {
             ("outcome=\"not_applied\"", l(&c.not_applied)),
             ("outcome=\"refused\"", l(&c.refused)),
         ],
+    );
+    let oldest = c.oldest_claimed_ts_ms.load(Ordering::Relaxed);
+    let lag_ms = if oldest == 0 {
+        0
+    } else {
+        crate::ingest::now_ms().saturating_sub(oldest)
+    };
+    let _ = writeln!(
+        out,
+        "# HELP affgate_collector_inbox_lag_seconds Age of the oldest postback the conversion processor last claimed from the inbox (0 once it found the inbox drained); grows while processing is stuck.\n# TYPE affgate_collector_inbox_lag_seconds gauge\naffgate_collector_inbox_lag_seconds {}",
+        lag_ms as f64 / 1e3
     );
     family(
         &mut out,

@@ -858,3 +858,57 @@ async fn the_mirror_lingers_so_a_trickle_of_batches_is_one_insert() {
     stop.send(true).expect("mirror task listens");
     task.await.expect("mirror task ends");
 }
+
+/// The inbox lag on `/metrics` comes from `oldest_claimed_ts_ms`: while a
+/// backlog is worked through it is the event time of the oldest row of
+/// each claim (rising, within the backlog's times), and 0 once a claim
+/// finds the inbox drained.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_inbox_lag_follows_the_backlog_and_clears_when_drained() {
+    let dbs = TestDbs::migrated().await;
+    let keys = ledger_with_one_link(&dbs.pool).await;
+    let inbox = Inbox::new(dbs.pool.clone());
+    let processor = Arc::new(Processor::new(dbs.pool.clone(), keys.clone(), None, None));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_millis() as u64;
+    let first = now - 30_000;
+    let rows: Vec<(u16, u64, Postback)> = (0..1000)
+        .map(|n| {
+            let ts = first + u64::from(n);
+            (
+                4,
+                u64::from(n),
+                conversion_postback(&keys, n, now, ts, Status::Approved),
+            )
+        })
+        .collect();
+    assert_eq!(inbox.insert(&rows).await.expect("inbox"), 1000);
+    let lag = || processor.stats.oldest_claimed_ts_ms.load(Ordering::Relaxed);
+    assert_eq!(lag(), 0, "nothing claimed yet");
+
+    let drain = tokio::spawn({
+        let p = processor.clone();
+        async move { p.drain().await }
+    });
+    let mut seen: Vec<u64> = Vec::new();
+    while !drain.is_finished() {
+        let v = lag();
+        if v != 0 && seen.last() != Some(&v) {
+            seen.push(v);
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert_eq!(drain.await.expect("drain task").expect("drain"), 1000);
+    assert!(!seen.is_empty(), "a claim of the backlog was seen");
+    assert!(
+        seen.iter().all(|t| (first..first + 1000).contains(t)),
+        "each claim's oldest row is one of the backlog: {seen:?}"
+    );
+    assert!(
+        seen.windows(2).all(|w| w[0] < w[1]),
+        "claims go oldest first: {seen:?}"
+    );
+    assert_eq!(lag(), 0, "drained");
+}

@@ -566,6 +566,13 @@ fn two_collectors_processing_the_same_events_never_double_count() {
     };
     let (pa, pb) = (processed(&a), processed(&b));
     assert_eq!(pa + pb, (2 * CLICKS) as f64, "a {pa} + b {pb}");
+    for (name, c) in [("a", &a), ("b", &b)] {
+        wait_for(
+            &format!("collector {name}: inbox lag 0 once drained"),
+            DEADLINE,
+            || (c.metric("affgate_collector_inbox_lag_seconds")? == 0.0).then_some(()),
+        );
+    }
     eprintln!("collector a processed {pa} postbacks, collector b {pb}");
 }
 

@@ -53,6 +53,9 @@ pub struct ConversionStats {
     pub not_applied: AtomicU64,
     pub refused: AtomicU64,
     pub errors: AtomicU64,
+    /// Event time (ms) of the oldest inbox row the last claim took; 0 once
+    /// a claim found the inbox drained. `/metrics` shows its age.
+    pub oldest_claimed_ts_ms: AtomicU64,
 }
 
 /// What happened to one inbox row.
@@ -168,6 +171,13 @@ impl Processor {
     async fn process_batch(&self, limit: i64) -> anyhow::Result<Batch> {
         let mut tx = self.pool.begin().await.context("begin")?;
         let rows = claim(&mut tx, limit).await?;
+        // Claims are in `ts` order: the first row is the oldest waiting.
+        let oldest = rows
+            .first()
+            .map_or(0, |r| u64::try_from(r.ts_ms).unwrap_or(1));
+        self.stats
+            .oldest_claimed_ts_ms
+            .store(oldest, Ordering::Relaxed);
         if rows.is_empty() {
             tx.rollback().await.context("end empty claim")?;
             return Ok(Batch::Empty);
