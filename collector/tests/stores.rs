@@ -681,10 +681,7 @@ async fn a_batch_commits_together_and_a_refused_row_spoils_only_itself() {
     let keys = ledger_with_one_link(&dbs.pool).await;
     let inbox = Inbox::new(dbs.pool.clone());
     let processor = Processor::new(dbs.pool.clone(), keys.clone(), None, None);
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_millis() as u64;
+    let now = now_ms();
 
     // Nine approved conversions, and one pending then approved.
     let mut rows: Vec<(u16, u64, Postback)> = (0..9)
@@ -788,6 +785,13 @@ async fn a_batch_commits_together_and_a_refused_row_spoils_only_itself() {
     assert_eq!(processor.drain().await.expect("empty inbox"), 0);
 }
 
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_millis() as u64
+}
+
 /// Poll `done` every 20 ms until it holds; panic naming `what` after 30 s.
 async fn until(what: &str, mut done: impl FnMut() -> bool) {
     let give_up = Instant::now() + Duration::from_secs(30);
@@ -816,10 +820,7 @@ async fn the_mirror_lingers_so_a_trickle_of_batches_is_one_insert() {
     );
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let task = tokio::spawn(mirror.clone().run(stopped));
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_millis() as u64;
+    let now = now_ms();
     let record = |n: u32| {
         let row = (
             4,
@@ -869,10 +870,7 @@ async fn the_inbox_lag_follows_the_backlog_and_clears_when_drained() {
     let keys = ledger_with_one_link(&dbs.pool).await;
     let inbox = Inbox::new(dbs.pool.clone());
     let processor = Arc::new(Processor::new(dbs.pool.clone(), keys.clone(), None, None));
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_millis() as u64;
+    let now = now_ms();
     let first = now - 30_000;
     let rows: Vec<(u16, u64, Postback)> = (0..1000)
         .map(|n| {

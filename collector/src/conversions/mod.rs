@@ -171,7 +171,8 @@ impl Processor {
     async fn process_batch(&self, limit: i64) -> anyhow::Result<Batch> {
         let mut tx = self.pool.begin().await.context("begin")?;
         let rows = claim(&mut tx, limit).await?;
-        // Claims are in `ts` order: the first row is the oldest waiting.
+        // Claims are in `ts` order: the first row is the oldest waiting (a
+        // time before 1970 reads as 1, since 0 means drained).
         let oldest = rows
             .first()
             .map_or(0, |r| u64::try_from(r.ts_ms).unwrap_or(1));
@@ -186,25 +187,24 @@ impl Processor {
         for row in &rows {
             match self.process(&mut tx, row).await {
                 Ok(r) => done.push(r),
-                Err(e) if rows.len() > 1 => {
+                Err(e) => {
+                    // Roll back before anything else: a dropped transaction
+                    // is only rolled back when its connection is next used,
+                    // and until then its row locks make the retries' SKIP
+                    // LOCKED claims come back empty (and would block
+                    // settle_failure's mark).
+                    tx.rollback()
+                        .await
+                        .with_context(|| format!("roll back after: {e:#}"))?;
+                    if rows.len() == 1 {
+                        return self.settle_failure(row, e).await.map(|()| Batch::Done(1));
+                    }
                     tracing::debug!(
                         error = format!("{e:#}"),
                         rows = rows.len(),
                         "batch rolled back; its rows are taken one by one"
                     );
-                    // Roll back before anything else: a dropped transaction
-                    // is only rolled back when its connection is next used,
-                    // and until then its row locks make the retries' SKIP
-                    // LOCKED claims come back empty.
-                    tx.rollback().await.context("roll back failed batch")?;
                     return Ok(Batch::Failed(rows.len() as u64));
-                }
-                Err(e) => {
-                    // Release the row's lock before settle_failure marks it.
-                    tx.rollback()
-                        .await
-                        .with_context(|| format!("roll back after: {e:#}"))?;
-                    return self.settle_failure(row, e).await.map(|()| Batch::Done(1));
                 }
             }
         }
@@ -248,7 +248,7 @@ impl Processor {
         }
     }
 
-    /// A row processed alone failed and its transaction was dropped.
+    /// A row processed alone failed and its transaction was rolled back.
     /// Unusable values are marked `error` in a fresh transaction, so the
     /// row does not block the queue forever; a race leaves it for the next
     /// pass, which sees the other collector's work; anything else (the
