@@ -116,7 +116,7 @@
 //! the locations of every in-flight record in the ranges. Seqs not in
 //! flight (acked before, or never pushed) are ignored.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::time::{Duration, Instant};
 
@@ -125,6 +125,7 @@ use affgate_schema::datagram::{self, HEADER_LEN, Kind, MAC_LEN};
 use affgate_schema::keys::Keys;
 use capnp::Word;
 use capnp::message::ReaderOptions;
+use foldhash::fast::RandomState;
 
 use crate::ring::{Location, Record};
 
@@ -347,7 +348,8 @@ struct Slot {
     /// When it is next due (its key in `timers`), or `None` while in `due`.
     deadline: Option<Instant>,
     /// The collector it was last sent to, and when the run of sends to that
-    /// collector began (its key in `waiting[collector]`).
+    /// collector began (its key in `waiting[collector]` when there are two
+    /// or more collectors). Also times the round trip (see "Backoff").
     sent: Option<(usize, Instant)>,
 }
 
@@ -355,8 +357,11 @@ struct Slot {
 pub struct Outbox {
     cfg: OutboxConfig,
     keys: Keys,
-    /// Every record in flight, by seq.
-    slots: BTreeMap<u64, Slot>,
+    /// Every record in flight, by seq. A hash map, not an ordered one: it
+    /// is looked up several times per record sent, and what needs seq order
+    /// (`due`, `timers`, ack ranges) has it elsewhere. Seqs come from this
+    /// edge's own ring, so foldhash (seeded per process) is enough.
+    slots: HashMap<u64, Slot, RandomState>,
     /// Seqs due now, packed from the lowest.
     due: BTreeSet<u64>,
     /// Earliest time a record in `due` became due (for `next_deadline`).
@@ -364,7 +369,8 @@ pub struct Outbox {
     /// `(deadline, seq)` of every held record not in `due`.
     timers: BTreeSet<(Instant, u64)>,
     /// Per collector: `(start of the run of sends, seq)` of the records
-    /// last sent to it.
+    /// last sent to it. Only kept with two or more collectors: it serves
+    /// failover alone.
     waiting: Vec<BTreeSet<(Instant, u64)>>,
     /// Per collector: when its last valid ack arrived.
     last_ack: Vec<Option<Instant>>,
@@ -379,7 +385,8 @@ pub struct Outbox {
     rtt: Option<Rtt>,
     stats: OutboxStats,
     /// Scratch, reused: an aligned copy of unaligned input, the encoded
-    /// body, the seqs of the batch being built.
+    /// body, the seqs of the batch being built or of the ack range being
+    /// applied.
     aligned: Vec<Word>,
     body: Vec<u8>,
     packing: Vec<u64>,
@@ -413,7 +420,7 @@ impl Outbox {
         Outbox {
             cfg,
             keys,
-            slots: BTreeMap::new(),
+            slots: HashMap::default(),
             due: BTreeSet::new(),
             due_since: None,
             timers: BTreeSet::new(),
@@ -633,12 +640,20 @@ impl Outbox {
         // Checked as a whole: now apply.
         let mut locs = Vec::new();
         let mut sample: Option<Duration> = None;
+        let mut seqs = std::mem::take(&mut self.packing);
         for r in ranges {
             let (first, last) = (r.get_first(), r.get_last());
-            // `first <= last` was checked above, so `range` cannot panic.
-            loop {
-                let next = self.slots.range(first..=last).next().map(|(&s, _)| s);
-                let Some(seq) = next else { break };
+            // Held seqs in `first..=last`, ascending: a range no longer than
+            // what is held is walked seq by seq; a longer one (a collector
+            // acking far more than this edge holds) by the held seqs instead.
+            seqs.clear();
+            if last - first < self.slots.len() as u64 {
+                seqs.extend((first..=last).filter(|s| self.slots.contains_key(s)));
+            } else {
+                seqs.extend(self.slots.keys().filter(|&&s| first <= s && s <= last));
+                seqs.sort_unstable();
+            }
+            for &seq in &seqs {
                 let slot = self.remove(seq);
                 if slot.attempts == 1
                     && let Some((_, sent)) = slot.sent
@@ -649,6 +664,7 @@ impl Outbox {
                 locs.push(slot.rec.loc);
             }
         }
+        self.packing = seqs;
         if let Some(rtt) = sample {
             self.rtt = Some(self.rtt.map_or_else(|| Rtt::first(rtt), |e| e.update(rtt)));
         }
@@ -775,11 +791,13 @@ impl Outbox {
         match slot.sent {
             Some((c, _)) if c == current => {}
             previous => {
-                if let Some(key) = previous {
-                    self.waiting[key.0].remove(&(key.1, seq));
-                }
                 slot.sent = Some((current, now));
-                self.waiting[current].insert((now, seq));
+                if self.cfg.collectors > 1 {
+                    if let Some(key) = previous {
+                        self.waiting[key.0].remove(&(key.1, seq));
+                    }
+                    self.waiting[current].insert((now, seq));
+                }
             }
         }
     }
@@ -798,7 +816,9 @@ impl Outbox {
                 self.due.remove(&seq);
             }
         }
-        if let Some((c, since)) = slot.sent {
+        if let Some((c, since)) = slot.sent
+            && self.cfg.collectors > 1
+        {
             self.waiting[c].remove(&(since, seq));
         }
         slot
@@ -1485,6 +1505,36 @@ mod tests {
         let s = ob.stats();
         assert_eq!((s.in_flight, s.acked_records), (0, 2));
         assert_eq!(ob.next_deadline(), None);
+    }
+
+    #[test]
+    fn ack_ranges_free_held_records_in_seq_order_whatever_their_length() {
+        let t0 = Instant::now();
+        let mut ob = Outbox::new(cfg(1, 1400), keys());
+        // Pushed out of seq order, as ring records and older spilled ones are.
+        for seq in [9, 3, 7, 5, 11, 1] {
+            ob.push(record(seq, 10), t0).unwrap();
+        }
+        assert_eq!(
+            drain(&mut ob, t0).iter().map(|d| d.records).sum::<usize>(),
+            6
+        );
+        // Shorter than what is held (walked seq by seq): 4..=6 holds only 5.
+        assert_eq!(
+            ob.on_ack(0, &ack_body(EDGE, &[(4, 6)]), t0).unwrap(),
+            [loc(5)]
+        );
+        // Longer than what is held (5 records), and from the far ends of u64.
+        let got = ob
+            .on_ack(0, &ack_body(EDGE, &[(0, 3), (8, u64::MAX)]), t0)
+            .unwrap();
+        assert_eq!(got, [loc(1), loc(3), loc(9), loc(11)]);
+        assert_eq!(ob.stats().in_flight, 1);
+        assert_eq!(
+            ob.on_ack(0, &ack_body(EDGE, &[(7, 7)]), t0).unwrap(),
+            [loc(7)]
+        );
+        assert_eq!(ob.stats().in_flight, 0);
     }
 
     #[test]
