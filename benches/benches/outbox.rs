@@ -47,13 +47,18 @@ fn payload(seq: u64) -> Vec<u8> {
     out
 }
 
+/// The payload of `seq`, cycling through the prepared ones.
+fn payload_of(seq: u64, payloads: &[Vec<u8>]) -> &[u8] {
+    &payloads[(seq % payloads.len() as u64) as usize]
+}
+
 fn record(seq: u64, payloads: &[Vec<u8>]) -> Record {
     Record {
         seq,
         kind: affgate_edge::KIND_CLICK,
         ts_ms: 1_763_900_000_000 + seq,
         loc: Location::Ring { pos: seq * 512 },
-        payload: payloads[(seq % payloads.len() as u64) as usize].clone(),
+        payload: payload_of(seq, payloads).to_vec(),
     }
 }
 
@@ -112,7 +117,7 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             body.clear();
             for _ in 0..BATCH {
-                let p = &payloads[(seq % payloads.len() as u64) as usize];
+                let p = payload_of(seq, &payloads);
                 seq += 1;
                 if body.len() + p.len() > DATAGRAM - 64 {
                     datagram::seal(&keys, Kind::Batch, EDGE, nonce, &body, &mut sealed);

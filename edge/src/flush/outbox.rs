@@ -730,11 +730,17 @@ impl Outbox {
             .expect("due, timers and waiting only hold seqs of held records")
     }
 
+    /// Two or more collectors: failover, and the `waiting` sets it reads,
+    /// are in play.
+    fn fails_over(&self) -> bool {
+        self.cfg.collectors > 1
+    }
+
     /// When the current collector will have been silent for
     /// `failover_after` with records waiting on it; `None` with one
     /// collector or nothing waiting.
     fn failover_at(&self) -> Option<Instant> {
-        if self.cfg.collectors < 2 {
+        if !self.fails_over() {
             return None;
         }
         let &(oldest, _) = self.waiting[self.current].first()?;
@@ -792,7 +798,7 @@ impl Outbox {
             Some((c, _)) if c == current => {}
             previous => {
                 slot.sent = Some((current, now));
-                if self.cfg.collectors > 1 {
+                if self.fails_over() {
                     if let Some(key) = previous {
                         self.waiting[key.0].remove(&(key.1, seq));
                     }
@@ -817,7 +823,7 @@ impl Outbox {
             }
         }
         if let Some((c, since)) = slot.sent
-            && self.cfg.collectors > 1
+            && self.fails_over()
         {
             self.waiting[c].remove(&(since, seq));
         }
@@ -1524,7 +1530,8 @@ mod tests {
             ob.on_ack(0, &ack_body(EDGE, &[(4, 6)]), t0).unwrap(),
             [loc(5)]
         );
-        // Longer than what is held (5 records), and from the far ends of u64.
+        // 0..=3 is walked again; 8..=u64::MAX is longer than what is held
+        // (5 records), so the held seqs are sorted instead.
         let got = ob
             .on_ack(0, &ack_body(EDGE, &[(0, 3), (8, u64::MAX)]), t0)
             .unwrap();
