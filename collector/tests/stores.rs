@@ -785,6 +785,123 @@ async fn a_batch_commits_together_and_a_refused_row_spoils_only_itself() {
     assert_eq!(processor.drain().await.expect("empty inbox"), 0);
 }
 
+/// A batch reads what its rows need up front (events, links, quarantined
+/// clicks, conversions) and still settles each row on its own: in one
+/// batch, a row already recorded as an event is a duplicate, a forged
+/// click id and an unknown link are refused, a quarantined click's
+/// conversion earns nothing, an existing conversion is approved and a new
+/// one recorded, all in one transaction. An existing conversion named
+/// by one row of the batch is locked by the batch's read; one named by two
+/// rows is locked by each row in turn.
+#[tokio::test]
+async fn a_batch_reads_up_front_and_still_settles_each_row() {
+    let dbs = TestDbs::migrated().await;
+    let keys = ledger_with_one_link(&dbs.pool).await;
+    let inbox = Inbox::new(dbs.pool.clone());
+    let processor = Processor::new(dbs.pool.clone(), keys.clone(), None, None);
+    let now = now_ms();
+
+    // First batch: click 20's and click 23's conversions, pending.
+    let first = [20, 23].map(|n| conversion_postback(&keys, n, now, now, Status::Pending));
+    let first: Vec<(u16, u64, Postback)> =
+        first.into_iter().zip(0..).map(|(p, s)| (4, s, p)).collect();
+    assert_eq!(inbox.insert(&first).await.expect("inbox"), 2);
+    assert_eq!(processor.drain().await.expect("drain"), 2);
+
+    // Second batch. Click 20's pending row taken again (as after a restore
+    // of the inbox): its event is already in the ledger.
+    sqlx::query(
+        "UPDATE postback_inbox SET processed_at = NULL, outcome = NULL
+         WHERE request_id = 'req-20-pending'",
+    )
+    .execute(&dbs.pool)
+    .await
+    .expect("reopen the row");
+    let approve = conversion_postback(&keys, 20, now, now + 1, Status::Approved);
+    let mut forged = conversion_postback(&keys, 30, now, now + 2, Status::Approved);
+    let last = if forged.click_id.ends_with('A') {
+        "B"
+    } else {
+        "A"
+    };
+    forged
+        .click_id
+        .replace_range(forged.click_id.len() - 1.., last);
+    forged.request_id = "forged".into();
+    let mut unknown = conversion_postback(&keys, 31, now, now + 3, Status::Approved);
+    unknown.click_id = ClickId::mint(keys.current(), 4, now - 60_000, 2, 31)
+        .expect("link id fits")
+        .as_str()
+        .to_owned();
+    unknown.request_id = "unknown".into();
+    let quarantined = conversion_postback(&keys, 21, now, now + 4, Status::Approved);
+    sqlx::query("INSERT INTO quarantined_clicks (click_id, ts) VALUES ($1, now())")
+        .bind(&quarantined.click_id)
+        .execute(&dbs.pool)
+        .await
+        .expect("quarantine click 21");
+    let fresh = conversion_postback(&keys, 22, now, now + 5, Status::Approved);
+    let approve_once = conversion_postback(&keys, 23, now, now + 6, Status::Approved);
+    let rows: Vec<(u16, u64, Postback)> =
+        [approve, forged, unknown, quarantined, fresh, approve_once]
+            .into_iter()
+            .zip(2..)
+            .map(|(p, seq)| (4, seq, p))
+            .collect();
+    assert_eq!(inbox.insert(&rows).await.expect("inbox"), 6);
+    assert_eq!(processor.drain().await.expect("drain"), 7);
+
+    let got = outcomes(&dbs.pool).await;
+    let want: Vec<(String, String)> = [
+        ("req-20-pending", "duplicate"),
+        ("req-23-pending", "recorded"),
+        ("req-20-approved", "recorded"),
+        ("forged", "bad_click_id"),
+        ("unknown", "unknown_link"),
+        ("req-21-approved", "recorded"),
+        ("req-22-approved", "recorded"),
+        ("req-23-approved", "recorded"),
+    ]
+    .iter()
+    .map(|(r, o)| (r.to_string(), o.to_string()))
+    .collect();
+    assert_eq!(got, want);
+    let commits: i64 =
+        sqlx::query_scalar("SELECT count(DISTINCT processed_at) FROM postback_inbox")
+            .fetch_one(&dbs.pool)
+            .await
+            .expect("processed_at");
+    assert_eq!(
+        commits, 2,
+        "the first batch, then the seven rows in one transaction"
+    );
+    let ledger: Vec<(String, String, Option<String>)> = sqlx::query_as(
+        "SELECT c.txid, c.status, (SELECT sum(amount)::text FROM commissions m
+                                   WHERE m.conversion_id = c.id AND m.status = 'approved')
+         FROM conversions c ORDER BY c.txid",
+    )
+    .fetch_all(&dbs.pool)
+    .await
+    .expect("ledger");
+    assert_eq!(
+        ledger,
+        [
+            ("T-20".into(), "approved".into(), Some("9.000000".into())),
+            ("T-21".into(), "quarantined".into(), None),
+            ("T-22".into(), "approved".into(), Some("9.000000".into())),
+            ("T-23".into(), "approved".into(), Some("9.000000".into())),
+        ]
+    );
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM conversion_events")
+        .fetch_one(&dbs.pool)
+        .await
+        .expect("events");
+    assert_eq!(
+        events, 6,
+        "pending and approved of T-20 and T-23, T-21, T-22"
+    );
+}
+
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -8,10 +8,13 @@
 //!
 //! This file is the PostgreSQL shell. Inbox rows are taken in batches of
 //! up to [`CLAIM_BATCH`], oldest first, in one transaction (`FOR UPDATE
-//! SKIP LOCKED`, so several collectors share the queue). Each row, in
-//! order: verify and decode its click id, load the link, offer and
-//! affiliate path, lock or create the conversion (`conversion_key` is
-//! unique), decide, write the event (`dedup_key` is unique), the
+//! SKIP LOCKED`, so several collectors share the queue). First, for the
+//! whole batch (`Processor::prefetch`): verify and decode the click ids,
+//! and read which dedup keys are already events, the links with offer and
+//! affiliate path, the quarantined clicks, and the conversions named by
+//! exactly one row, locked. Then each row, in order: lock the conversion if
+//! the prefetch did not, or create it (`conversion_key` is unique), decide,
+//! write the event (`dedup_key` is unique), the
 //! commissions (unique per conversion and level) and the cap count (its
 //! row locked); then all the batch's rows are marked processed with their
 //! outcomes and the transaction commits. A row that fails (the ledger
@@ -25,12 +28,13 @@ pub mod decide;
 pub mod mirror;
 pub mod split;
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use affgate_schema::keys::KeyRing;
-use affgate_schema::{ClickId, DedupKey, Status, parse_micros};
+use affgate_schema::{ClickId, ClickIdFields, DedupKey, Status, parse_micros};
 use anyhow::Context;
 use sqlx::{PgPool, Postgres, Row, Transaction};
 use tokio::sync::{Notify, watch};
@@ -183,9 +187,10 @@ impl Processor {
             tx.rollback().await.context("end empty claim")?;
             return Ok(Batch::Empty);
         }
+        let pre = self.prefetch(&mut tx, &rows).await?;
         let mut done = Vec::with_capacity(rows.len());
-        for row in &rows {
-            match self.process(&mut tx, row).await {
+        for (row, click) in rows.iter().zip(&pre.clicks) {
+            match self.process(&mut tx, row, click.as_ref(), &pre).await {
                 Ok(r) => done.push(r),
                 Err(e) => {
                     // Roll back before anything else: a dropped transaction
@@ -216,6 +221,114 @@ impl Processor {
             self.committed(row, outcome, capped_offer).await;
         }
         Ok(Batch::Done(rows.len() as u64))
+    }
+
+    /// What the batch's rows read before any of them writes, in four
+    /// statements for the batch instead of four per row: which dedup keys
+    /// are already events, the links (with offer and affiliate path) their
+    /// verified click ids name, which of their clicks are quarantined, and
+    /// the conversions they name, locked. A conversion key named by more
+    /// than one row is left out of the lock, so those rows lock and read it
+    /// one by one and each sees what the earlier rows wrote.
+    async fn prefetch(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        rows: &[InboxRow],
+    ) -> anyhow::Result<Prefetched> {
+        let now = crate::ingest::now_ms();
+        let clicks: Vec<Option<ClickIdFields>> = rows
+            .iter()
+            .map(|r| {
+                ClickId::verify(&r.click_id, &self.keys, now)
+                    .ok()
+                    .map(|(_, f)| f)
+            })
+            .collect();
+
+        let dedup_keys: Vec<&[u8]> = rows.iter().map(|r| &r.dedup_key[..]).collect();
+        let seen = sqlx::query_scalar::<_, Vec<u8>>(
+            "SELECT dedup_key FROM conversion_events WHERE dedup_key = ANY($1)",
+        )
+        .bind(&dedup_keys)
+        .fetch_all(&mut **tx)
+        .await
+        .context("duplicate check")?
+        .into_iter()
+        .collect();
+
+        let mut link_ids: Vec<i64> = clicks.iter().flatten().map(link_id_of).collect();
+        link_ids.sort_unstable();
+        link_ids.dedup();
+        let mut links = HashMap::with_capacity(link_ids.len());
+        for l in sqlx::query(
+            "SELECT l.id, l.offer_id, l.affiliate_id, l.status AS link_status,
+                    o.network_id, o.payout::text AS payout, o.currency,
+                    o.commission_levels::text[] AS levels, o.daily_cap,
+                    o.attribution_window_days, a.path::text AS path
+             FROM links l JOIN offers o ON o.id = l.offer_id
+                          JOIN affiliates a ON a.id = l.affiliate_id
+             WHERE l.id = ANY($1)",
+        )
+        .bind(&link_ids)
+        .fetch_all(&mut **tx)
+        .await
+        .context("load links")?
+        {
+            links.insert(l.try_get("id")?, LinkRow::from_row(&l)?);
+        }
+
+        let verified: Vec<&str> = rows
+            .iter()
+            .zip(&clicks)
+            .filter(|(_, c)| c.is_some())
+            .map(|(r, _)| r.click_id.as_str())
+            .collect();
+        let quarantined = sqlx::query_scalar::<_, String>(
+            "SELECT click_id FROM quarantined_clicks WHERE click_id = ANY($1)",
+        )
+        .bind(&verified)
+        .fetch_all(&mut **tx)
+        .await
+        .context("quarantine check")?
+        .into_iter()
+        .collect();
+
+        let mut named: HashMap<[u8; 32], usize> = HashMap::with_capacity(rows.len());
+        for r in rows {
+            *named.entry(conversion_key_of(r).0).or_default() += 1;
+        }
+        // Sorted, so two collectors' batches take these locks in one order.
+        let mut once: Vec<[u8; 32]> = named
+            .into_iter()
+            .filter_map(|(k, n)| (n == 1).then_some(k))
+            .collect();
+        once.sort_unstable();
+        let once_refs: Vec<&[u8]> = once.iter().map(|k| &k[..]).collect();
+        let mut conversions: HashMap<[u8; 32], Option<LockedConversion>> =
+            once.iter().map(|k| (*k, None)).collect();
+        for c in sqlx::query(
+            "SELECT conversion_key, id, status, payout::text AS payout, currency::text AS currency
+             FROM conversions WHERE conversion_key = ANY($1)
+             ORDER BY conversion_key FOR UPDATE",
+        )
+        .bind(&once_refs)
+        .fetch_all(&mut **tx)
+        .await
+        .context("lock conversions")?
+        {
+            let key: Vec<u8> = c.try_get("conversion_key")?;
+            let key: [u8; 32] = key
+                .try_into()
+                .map_err(|k: Vec<u8>| anyhow::anyhow!("conversion key of {} bytes", k.len()))?;
+            conversions.insert(key, Some(LockedConversion::from_row(&c)?));
+        }
+        Ok(Prefetched {
+            clicks,
+            seen,
+            links,
+            quarantined,
+            conversions,
+        })
     }
 
     /// The background task: drain whenever woken (after an inbox insert) or
@@ -301,62 +414,35 @@ impl Processor {
         &self,
         tx: &mut Transaction<'_, Postgres>,
         row: &InboxRow,
+        click: Option<&ClickIdFields>,
+        pre: &Prefetched,
     ) -> anyhow::Result<(Outcome, Option<i64>)> {
-        let seen: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM conversion_events WHERE dedup_key = $1)",
-        )
-        .bind(&row.dedup_key)
-        .fetch_one(&mut **tx)
-        .await
-        .context("duplicate check")?;
-        if seen {
+        if pre.seen.contains(&row.dedup_key[..]) {
             return Ok((Outcome::Refused("duplicate"), None));
         }
-        let now = crate::ingest::now_ms();
-        let Ok((_, click)) = ClickId::verify(&row.click_id, &self.keys, now) else {
+        let Some(click) = click else {
             return Ok((Outcome::Refused("bad_click_id"), None));
         };
-        let link_id = i64::try_from(click.link_id).unwrap_or(i64::MAX);
-        let Some(l) = sqlx::query(
-            "SELECT l.offer_id, l.affiliate_id, l.status AS link_status,
-                    o.network_id, o.payout::text AS payout, o.currency,
-                    o.commission_levels::text[] AS levels, o.daily_cap,
-                    o.attribution_window_days, a.path::text AS path
-             FROM links l JOIN offers o ON o.id = l.offer_id
-                          JOIN affiliates a ON a.id = l.affiliate_id
-             WHERE l.id = $1",
-        )
-        .bind(link_id)
-        .fetch_optional(&mut **tx)
-        .await
-        .context("load link")?
-        else {
+        let link_id = link_id_of(click);
+        let Some(l) = pre.links.get(&link_id) else {
             return Ok((Outcome::Refused("unknown_link"), None));
         };
-        let offer_id: i64 = l.try_get("offer_id")?;
-        let affiliate_id: i64 = l.try_get("affiliate_id")?;
-        if l.try_get::<i64, _>("network_id")? != row.network_id {
+        let (offer_id, affiliate_id) = (l.offer_id, l.affiliate_id);
+        if l.network_id != row.network_id {
             return Ok((Outcome::Refused("network_mismatch"), None));
         }
         // The network's amount, or the offer's payout in the offer's currency.
         let (payout, currency) = match row.payout {
             Some(p) => (p, row.currency.clone()),
-            None => (
-                micros(&l.try_get::<String, _>("payout")?)?,
-                l.try_get::<String, _>("currency")?,
-            ),
+            None => (micros(&l.payout)?, l.currency.clone()),
         };
-        let conversion_key =
-            DedupKey::for_conversion(row.network_id as u64, &row.click_id, &row.txid, &row.event);
-
-        let existing = sqlx::query(
-            "SELECT id, status, payout::text AS payout, currency::text AS currency
-             FROM conversions WHERE conversion_key = $1 FOR UPDATE",
-        )
-        .bind(&conversion_key.0[..])
-        .fetch_optional(&mut **tx)
-        .await
-        .context("lock conversion")?;
+        let conversion_key = conversion_key_of(row);
+        let existing = match pre.conversions.get(&conversion_key.0) {
+            Some(locked) => locked.clone(),
+            // Not locked by the prefetch: this key has an earlier row in
+            // the batch, whose writes this row must see.
+            None => lock_conversion(tx, &conversion_key.0).await?,
+        };
 
         let mut capped_offer = None;
         // The conversion's amount and currency as they stand before this
@@ -364,19 +450,14 @@ impl Processor {
         let mut stored: Option<(i64, String)> = None;
         let (conversion_id, before, after) = match existing {
             Some(c) => {
-                let id: i64 = c.try_get("id")?;
-                let current = conv_status(&c.try_get::<String, _>("status")?)?;
-                stored = Some((
-                    micros(&c.try_get::<String, _>("payout")?)?,
-                    c.try_get("currency")?,
-                ));
+                let current = c.status;
+                stored = Some((c.payout, c.currency));
                 let next = decide::transition(current, row.status);
-                (id, Some(current), next.unwrap_or(current))
+                (c.id, Some(current), next.unwrap_or(current))
             }
             None => {
                 let day = &row.day;
-                let daily_cap: Option<i32> = l.try_get("daily_cap")?;
-                let cap = match daily_cap {
+                let cap = match l.daily_cap {
                     Some(cap) if decide::takes_cap_slot(row.status) => {
                         sqlx::query(
                             "INSERT INTO offer_daily (offer_id, day) VALUES ($1, $2::date)
@@ -400,19 +481,13 @@ impl Processor {
                     }
                     _ => None,
                 };
-                let quarantined = l.try_get::<String, _>("link_status")? == "shadow_banned"
-                    || sqlx::query_scalar::<_, bool>(
-                        "SELECT EXISTS (SELECT 1 FROM quarantined_clicks WHERE click_id = $1)",
-                    )
-                    .bind(&row.click_id)
-                    .fetch_one(&mut **tx)
-                    .await
-                    .context("quarantine check")?;
+                let quarantined =
+                    l.link_status == "shadow_banned" || pre.quarantined.contains(&row.click_id);
                 let status = decide::first_status(&NewConversion {
                     status: row.status,
                     quarantined,
                     age_ms: row.ts_ms - click.ts_ms as i64,
-                    window_days: i64::from(l.try_get::<i32, _>("attribution_window_days")?),
+                    window_days: i64::from(l.attribution_window_days),
                     cap,
                 });
                 let inserted: Option<i64> = sqlx::query_scalar(
@@ -541,13 +616,13 @@ impl Processor {
                     }
                     (None, _) => (payout, currency),
                 };
-                let levels: Vec<String> = l.try_get("levels")?;
-                let rates = levels
+                let rates = l
+                    .levels
                     .iter()
                     .map(|r| micros(r))
                     .collect::<anyhow::Result<Vec<_>>>()?;
-                let path: String = l.try_get("path")?;
-                let chain = split::beneficiaries(&path)
+                let path = &l.path;
+                let chain = split::beneficiaries(path)
                     .with_context(|| format!("affiliate path {path} is not a chain of ids"))?;
                 let shares = split::split(amount, &rates, &chain);
                 upsert_commissions(tx, conversion_id, &shares, &cur, after).await?;
@@ -599,6 +674,106 @@ async fn upsert_commissions(
     .await
     .context("write commissions")?;
     Ok(())
+}
+
+/// What a batch read up front (`Processor::prefetch`).
+#[derive(Debug)]
+struct Prefetched {
+    /// Per claimed row, in claim order: its click id's fields, if it verifies.
+    clicks: Vec<Option<ClickIdFields>>,
+    /// Dedup keys of the batch already recorded as conversion events.
+    seen: HashSet<Vec<u8>>,
+    /// By link id.
+    links: HashMap<i64, LinkRow>,
+    /// Click ids of the batch in `quarantined_clicks`.
+    quarantined: HashSet<String>,
+    /// Conversion keys named by exactly one row of the batch, locked: the
+    /// conversion, or None where there is none yet. A key not in here is
+    /// named by several rows and is locked and read per row.
+    conversions: HashMap<[u8; 32], Option<LockedConversion>>,
+}
+
+/// A link with what conversion processing needs of its offer and affiliate.
+#[derive(Debug)]
+struct LinkRow {
+    offer_id: i64,
+    affiliate_id: i64,
+    link_status: String,
+    network_id: i64,
+    /// numeric text.
+    payout: String,
+    currency: String,
+    /// Commission rates per level, numeric text.
+    levels: Vec<String>,
+    daily_cap: Option<i32>,
+    attribution_window_days: i32,
+    /// The affiliate's `ltree` path as text.
+    path: String,
+}
+
+impl LinkRow {
+    fn from_row(l: &sqlx::postgres::PgRow) -> anyhow::Result<LinkRow> {
+        Ok(LinkRow {
+            offer_id: l.try_get("offer_id")?,
+            affiliate_id: l.try_get("affiliate_id")?,
+            link_status: l.try_get("link_status")?,
+            network_id: l.try_get("network_id")?,
+            payout: l.try_get("payout")?,
+            currency: l.try_get("currency")?,
+            levels: l.try_get("levels")?,
+            daily_cap: l.try_get("daily_cap")?,
+            attribution_window_days: l.try_get("attribution_window_days")?,
+            path: l.try_get("path")?,
+        })
+    }
+}
+
+/// A conversion as locked (`FOR UPDATE`) before a postback changes it.
+#[derive(Debug, Clone)]
+struct LockedConversion {
+    id: i64,
+    status: ConvStatus,
+    /// Micro-units.
+    payout: i64,
+    currency: String,
+}
+
+impl LockedConversion {
+    fn from_row(c: &sqlx::postgres::PgRow) -> anyhow::Result<LockedConversion> {
+        Ok(LockedConversion {
+            id: c.try_get("id")?,
+            status: conv_status(&c.try_get::<String, _>("status")?)?,
+            payout: micros(&c.try_get::<String, _>("payout")?)?,
+            currency: c.try_get("currency")?,
+        })
+    }
+}
+
+/// Lock and read one conversion (None: there is none yet).
+async fn lock_conversion(
+    tx: &mut Transaction<'_, Postgres>,
+    conversion_key: &[u8; 32],
+) -> anyhow::Result<Option<LockedConversion>> {
+    sqlx::query(
+        "SELECT id, status, payout::text AS payout, currency::text AS currency
+         FROM conversions WHERE conversion_key = $1 FOR UPDATE",
+    )
+    .bind(&conversion_key[..])
+    .fetch_optional(&mut **tx)
+    .await
+    .context("lock conversion")?
+    .as_ref()
+    .map(LockedConversion::from_row)
+    .transpose()
+}
+
+fn conversion_key_of(row: &InboxRow) -> DedupKey {
+    DedupKey::for_conversion(row.network_id as u64, &row.click_id, &row.txid, &row.event)
+}
+
+/// A click id's link as PostgreSQL's `bigint` (link ids are 40 bits).
+fn link_id_of(click: &ClickIdFields) -> i64 {
+    i64::try_from(click.link_id).unwrap_or(i64::MAX)
 }
 
 /// Lock up to `limit` of the oldest unprocessed inbox rows, skipping rows
