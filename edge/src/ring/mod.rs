@@ -105,6 +105,11 @@ pub enum RingError {
     Format { path: PathBuf, what: String },
     #[error("ring {}: {what}", .path.display())]
     Config { path: PathBuf, what: String },
+    #[error(
+        "ring {}: its filesystem has no room for its {bytes} bytes; lower [buffer] size_mb or give the filesystem more space",
+        .path.display()
+    )]
+    NoSpace { path: PathBuf, bytes: u64 },
     #[error("ring {} is corrupt at position {pos}: {what}", .path.display())]
     Corrupt {
         path: PathBuf,
@@ -262,7 +267,10 @@ impl Ring {
             TryLockError::Error(error) => open_err(error),
         })?;
         let fresh = prepare_file(&file, &path, cap)?;
+        // Every page mapped now (the blocks are already allocated, see
+        // `reserve`): no first-touch page fault on an append.
         let map = MmapOptions::new()
+            .populate()
             .len(
                 usize::try_from(HEADER_PAGE + cap).map_err(|_| RingError::Config {
                     path: path.clone(),
@@ -550,11 +558,45 @@ fn prepare_file(file: &File, path: &Path, cap: u64) -> Result<bool, RingError> {
         }
     };
     if fresh {
-        // Extending with set_len zero-fills (sparse on tmpfs and most disks).
+        // Extending with set_len zero-fills; `reserve` then allocates it.
         file.set_len(0).map_err(open_err)?;
         file.set_len(expected).map_err(open_err)?;
     }
+    reserve(file, path, expected)?;
     Ok(fresh)
+}
+
+/// Allocate every block of the ring file, fresh or not (a file left sparse
+/// by an older edge gets its holes filled; data is untouched). A write to
+/// an unbacked page of a shared mapping on a full filesystem is a SIGBUS in
+/// the middle of an append, not an error; this way a ring that does not fit
+/// fails at start, with a clear error. A filesystem without `fallocate`
+/// keeps the file sparse, with a warning.
+fn reserve(file: &File, path: &Path, len: u64) -> Result<(), RingError> {
+    use nix::errno::Errno;
+    use nix::fcntl::{FallocateFlags, fallocate};
+    let off_len = i64::try_from(len).map_err(|_| RingError::Config {
+        path: path.to_owned(),
+        what: format!("size {len} bytes does not fit a file offset"),
+    })?;
+    match fallocate(file, FallocateFlags::empty(), 0, off_len) {
+        Ok(()) => Ok(()),
+        Err(Errno::EOPNOTSUPP) => {
+            tracing::warn!(
+                path = %path.display(),
+                "the ring's filesystem cannot allocate it up front (no fallocate): it stays sparse, and a full filesystem would stop the edge mid-append"
+            );
+            Ok(())
+        }
+        Err(Errno::ENOSPC) => Err(RingError::NoSpace {
+            path: path.to_owned(),
+            bytes: len,
+        }),
+        Err(errno) => Err(RingError::Open {
+            path: path.to_owned(),
+            error: io::Error::from(errno),
+        }),
+    }
 }
 
 /// A test config: the ring and its spill directory inside `dir`.
@@ -626,6 +668,50 @@ mod tests {
         drop(ring);
         let ring = Ring::open(&cfg).unwrap();
         assert_eq!(ring.next_seq(), 3, "sequence keeps growing across restarts");
+    }
+
+    #[test]
+    fn the_ring_file_is_allocated_whole_even_when_left_sparse() {
+        use nix::fcntl::{FallocateFlags, fallocate};
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = test_cfg(dir.path(), 1 << 20);
+        let allocated = || {
+            let m = std::fs::metadata(&cfg.path).unwrap();
+            (m.blocks() * 512, m.len())
+        };
+        let ring = Ring::open(&cfg).unwrap();
+        let seq = ring.next_seq();
+        ring.append(seq, 1, 7, &payload(seq, 200)).unwrap();
+        drop(ring);
+        let (blocks, len) = allocated();
+        assert_eq!(len, HEADER_PAGE + (1 << 20));
+        assert!(
+            blocks >= len,
+            "a fresh ring has {blocks} of its {len} bytes allocated"
+        );
+
+        // Sparse, as edges before `reserve` left it: the data area's tail
+        // punched out.
+        let f = OpenOptions::new().write(true).open(&cfg.path).unwrap();
+        let keep = HEADER_PAGE + 64 * 1024;
+        fallocate(
+            &f,
+            FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            keep as i64,
+            (len - keep) as i64,
+        )
+        .unwrap();
+        drop(f);
+        assert!(allocated().0 < len, "the hole was punched");
+
+        let ring = Ring::open(&cfg).unwrap();
+        let (blocks, len) = allocated();
+        assert!(blocks >= len, "reopened: {blocks} of {len} bytes allocated");
+        let mut c = ring.consumer().expect("consumer");
+        let mut out = Vec::new();
+        assert_eq!(c.poll(10, &mut out).unwrap(), 1, "the record survived");
+        assert_eq!(out[0].payload, payload(seq, 200));
     }
 
     #[test]
