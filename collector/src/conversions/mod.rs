@@ -189,8 +189,8 @@ impl Processor {
         }
         let pre = self.prefetch(&mut tx, &rows).await?;
         let mut done = Vec::with_capacity(rows.len());
-        for (row, click) in rows.iter().zip(&pre.clicks) {
-            match self.process(&mut tx, row, click.as_ref(), &pre).await {
+        for ((row, click), key) in rows.iter().zip(&pre.clicks).zip(&pre.keys) {
+            match self.process(&mut tx, row, click.as_ref(), key, &pre).await {
                 Ok(r) => done.push(r),
                 Err(e) => {
                     // Roll back before anything else: a dropped transaction
@@ -293,9 +293,10 @@ impl Processor {
         .into_iter()
         .collect();
 
+        let keys: Vec<DedupKey> = rows.iter().map(conversion_key_of).collect();
         let mut named: HashMap<[u8; 32], usize> = HashMap::with_capacity(rows.len());
-        for r in rows {
-            *named.entry(conversion_key_of(r).0).or_default() += 1;
+        for k in &keys {
+            *named.entry(k.0).or_default() += 1;
         }
         // Sorted, so two collectors' batches take these locks in one order.
         let mut once: Vec<[u8; 32]> = named
@@ -306,24 +307,12 @@ impl Processor {
         let once_refs: Vec<&[u8]> = once.iter().map(|k| &k[..]).collect();
         let mut conversions: HashMap<[u8; 32], Option<LockedConversion>> =
             once.iter().map(|k| (*k, None)).collect();
-        for c in sqlx::query(
-            "SELECT conversion_key, id, status, payout::text AS payout, currency::text AS currency
-             FROM conversions WHERE conversion_key = ANY($1)
-             ORDER BY conversion_key FOR UPDATE",
-        )
-        .bind(&once_refs)
-        .fetch_all(&mut **tx)
-        .await
-        .context("lock conversions")?
-        {
-            let key: Vec<u8> = c.try_get("conversion_key")?;
-            let key: [u8; 32] = key
-                .try_into()
-                .map_err(|k: Vec<u8>| anyhow::anyhow!("conversion key of {} bytes", k.len()))?;
-            conversions.insert(key, Some(LockedConversion::from_row(&c)?));
+        for (key, c) in lock_conversions(tx, &once_refs).await? {
+            conversions.insert(key, Some(c));
         }
         Ok(Prefetched {
             clicks,
+            keys,
             seen,
             links,
             quarantined,
@@ -415,6 +404,7 @@ impl Processor {
         tx: &mut Transaction<'_, Postgres>,
         row: &InboxRow,
         click: Option<&ClickIdFields>,
+        conversion_key: &DedupKey,
         pre: &Prefetched,
     ) -> anyhow::Result<(Outcome, Option<i64>)> {
         if pre.seen.contains(&row.dedup_key[..]) {
@@ -436,12 +426,14 @@ impl Processor {
             Some(p) => (p, row.currency.clone()),
             None => (micros(&l.payout)?, l.currency.clone()),
         };
-        let conversion_key = conversion_key_of(row);
         let existing = match pre.conversions.get(&conversion_key.0) {
             Some(locked) => locked.clone(),
             // Not locked by the prefetch: this key has an earlier row in
             // the batch, whose writes this row must see.
-            None => lock_conversion(tx, &conversion_key.0).await?,
+            None => lock_conversions(tx, &[&conversion_key.0[..]])
+                .await?
+                .pop()
+                .map(|(_, c)| c),
         };
 
         let mut capped_offer = None;
@@ -681,6 +673,8 @@ async fn upsert_commissions(
 struct Prefetched {
     /// Per claimed row, in claim order: its click id's fields, if it verifies.
     clicks: Vec<Option<ClickIdFields>>,
+    /// Per claimed row, in claim order: its conversion key.
+    keys: Vec<DedupKey>,
     /// Dedup keys of the batch already recorded as conversion events.
     seen: HashSet<Vec<u8>>,
     /// By link id.
@@ -749,22 +743,31 @@ impl LockedConversion {
     }
 }
 
-/// Lock and read one conversion (None: there is none yet).
-async fn lock_conversion(
+/// Lock and read the conversions of these keys (in key order, so two
+/// collectors take the locks in one order), with their keys; a key with no
+/// conversion yet is simply absent.
+async fn lock_conversions(
     tx: &mut Transaction<'_, Postgres>,
-    conversion_key: &[u8; 32],
-) -> anyhow::Result<Option<LockedConversion>> {
+    keys: &[&[u8]],
+) -> anyhow::Result<Vec<([u8; 32], LockedConversion)>> {
     sqlx::query(
-        "SELECT id, status, payout::text AS payout, currency::text AS currency
-         FROM conversions WHERE conversion_key = $1 FOR UPDATE",
+        "SELECT conversion_key, id, status, payout::text AS payout, currency::text AS currency
+         FROM conversions WHERE conversion_key = ANY($1)
+         ORDER BY conversion_key FOR UPDATE",
     )
-    .bind(&conversion_key[..])
-    .fetch_optional(&mut **tx)
+    .bind(keys)
+    .fetch_all(&mut **tx)
     .await
-    .context("lock conversion")?
-    .as_ref()
-    .map(LockedConversion::from_row)
-    .transpose()
+    .context("lock conversions")?
+    .iter()
+    .map(|c| {
+        let key: Vec<u8> = c.try_get("conversion_key")?;
+        let key: [u8; 32] = key
+            .try_into()
+            .map_err(|k: Vec<u8>| anyhow::anyhow!("conversion key of {} bytes", k.len()))?;
+        Ok((key, LockedConversion::from_row(c)?))
+    })
+    .collect()
 }
 
 fn conversion_key_of(row: &InboxRow) -> DedupKey {
