@@ -892,13 +892,27 @@ async fn a_batch_reads_up_front_and_still_settles_each_row() {
             ("T-23".into(), "approved".into(), Some("9.000000".into())),
         ]
     );
-    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM conversion_events")
-        .fetch_one(&dbs.pool)
-        .await
-        .expect("events");
+    // The batch writes its events in one statement, in the rows' order:
+    // their ids (which the mirror follows) are in claim order.
+    let events: Vec<(String, Option<String>, String)> = sqlx::query_as(
+        "SELECT request_id, status_before, status_after FROM conversion_events ORDER BY id",
+    )
+    .fetch_all(&dbs.pool)
+    .await
+    .expect("events");
+    let ev =
+        |r: &str, b: Option<&str>, a: &str| (r.to_string(), b.map(str::to_string), a.to_string());
     assert_eq!(
-        events, 6,
-        "pending and approved of T-20 and T-23, T-21, T-22"
+        events,
+        [
+            ev("req-20-pending", None, "pending"),
+            ev("req-23-pending", None, "pending"),
+            ev("req-20-approved", Some("pending"), "approved"),
+            ev("req-21-approved", None, "quarantined"),
+            ev("req-22-approved", None, "approved"),
+            ev("req-23-approved", Some("pending"), "approved"),
+        ],
+        "pending and approved of T-20 and T-23, T-21, T-22, in claim order"
     );
 }
 
