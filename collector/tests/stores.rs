@@ -892,8 +892,8 @@ async fn a_batch_reads_up_front_and_still_settles_each_row() {
             ("T-23".into(), "approved".into(), Some("9.000000".into())),
         ]
     );
-    // The batch writes its events in one statement, in the rows' order:
-    // their ids (which the mirror follows) are in claim order.
+    // Events are written in the rows' order: their ids (which the mirror
+    // follows) are in claim order.
     let events: Vec<(String, Option<String>, String)> = sqlx::query_as(
         "SELECT request_id, status_before, status_after FROM conversion_events ORDER BY id",
     )

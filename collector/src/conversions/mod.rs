@@ -14,10 +14,10 @@
 //! affiliate path, the quarantined clicks, and the conversions named by
 //! exactly one row, locked. Then each row, in order: lock the conversion if
 //! the prefetch did not, or create it (`conversion_key` is unique), decide,
-//! write the commissions (unique per conversion and level) and the cap
-//! count (its row locked); then the batch's events in one statement
-//! (`dedup_key` is unique), all the batch's rows are marked processed with
-//! their outcomes and the transaction commits. A row that fails (the ledger
+//! write the event (`dedup_key` is unique), the
+//! commissions (unique per conversion and level) and the cap count (its
+//! row locked); then all the batch's rows are marked processed with their
+//! outcomes and the transaction commits. A row that fails (the ledger
 //! refuses its values, another collector raced it, a deadlock) rolls the
 //! whole batch back, and those rows are taken again one per transaction,
 //! so one bad row costs its batch a retry, never a wrong count. Nothing
@@ -188,28 +188,31 @@ impl Processor {
             return Ok(Batch::Empty);
         }
         let pre = self.prefetch(&mut tx, &rows).await?;
-        let done = match self.write_batch(&mut tx, &rows, &pre).await {
-            Ok(done) => done,
-            Err(e) => {
-                // Roll back before anything else: a dropped transaction
-                // is only rolled back when its connection is next used,
-                // and until then its row locks make the retries' SKIP
-                // LOCKED claims come back empty (and would block
-                // settle_failure's mark).
-                tx.rollback()
-                    .await
-                    .with_context(|| format!("roll back after: {e:#}"))?;
-                if let [row] = &rows[..] {
-                    return self.settle_failure(row, e).await.map(|()| Batch::Done(1));
+        let mut done = Vec::with_capacity(rows.len());
+        for ((row, click), key) in rows.iter().zip(&pre.clicks).zip(&pre.keys) {
+            match self.process(&mut tx, row, click.as_ref(), key, &pre).await {
+                Ok(r) => done.push(r),
+                Err(e) => {
+                    // Roll back before anything else: a dropped transaction
+                    // is only rolled back when its connection is next used,
+                    // and until then its row locks make the retries' SKIP
+                    // LOCKED claims come back empty (and would block
+                    // settle_failure's mark).
+                    tx.rollback()
+                        .await
+                        .with_context(|| format!("roll back after: {e:#}"))?;
+                    if rows.len() == 1 {
+                        return self.settle_failure(row, e).await.map(|()| Batch::Done(1));
+                    }
+                    tracing::debug!(
+                        error = format!("{e:#}"),
+                        rows = rows.len(),
+                        "batch rolled back; its rows are taken one by one"
+                    );
+                    return Ok(Batch::Failed(rows.len() as u64));
                 }
-                tracing::debug!(
-                    error = format!("{e:#}"),
-                    rows = rows.len(),
-                    "batch rolled back; its rows are taken one by one"
-                );
-                return Ok(Batch::Failed(rows.len() as u64));
             }
-        };
+        }
         let keys: Vec<&[u8]> = rows.iter().map(|r| &r.dedup_key[..]).collect();
         let outcomes: Vec<&str> = done.iter().map(|(o, _)| o.as_str()).collect();
         mark_all(&mut tx, &keys, &outcomes).await?;
@@ -218,26 +221,6 @@ impl Processor {
             self.committed(row, outcome, capped_offer).await;
         }
         Ok(Batch::Done(rows.len() as u64))
-    }
-
-    /// Every row of the batch in order, then the events they recorded in
-    /// one statement. The outcome and newly capped offer of each row.
-    async fn write_batch(
-        &self,
-        tx: &mut Transaction<'_, Postgres>,
-        rows: &[InboxRow],
-        pre: &Prefetched,
-    ) -> anyhow::Result<Vec<(Outcome, Option<i64>)>> {
-        let mut done = Vec::with_capacity(rows.len());
-        let mut events = Vec::with_capacity(rows.len());
-        for ((row, click), key) in rows.iter().zip(&pre.clicks).zip(&pre.keys) {
-            done.push(
-                self.process(tx, row, click.as_ref(), key, pre, &mut events)
-                    .await?,
-            );
-        }
-        insert_events(tx, &events).await?;
-        Ok(done)
     }
 
     /// What the batch's rows read before any of them writes, in four
@@ -414,17 +397,15 @@ impl Processor {
         }
     }
 
-    /// Everything the row does inside the batch's transaction but its
-    /// event, which goes to `events` for the batch to write. Returns the
-    /// outcome and the offer that just reached its cap, if any.
-    async fn process<'r>(
+    /// Everything inside the row's transaction. Returns the outcome and the
+    /// offer that just reached its cap, if any.
+    async fn process(
         &self,
         tx: &mut Transaction<'_, Postgres>,
-        row: &'r InboxRow,
+        row: &InboxRow,
         click: Option<&ClickIdFields>,
         conversion_key: &DedupKey,
         pre: &Prefetched,
-        events: &mut Vec<PendingEvent<'r>>,
     ) -> anyhow::Result<(Outcome, Option<i64>)> {
         if pre.seen.contains(&row.dedup_key[..]) {
             return Ok((Outcome::Refused("duplicate"), None));
@@ -564,13 +545,33 @@ impl Processor {
         };
 
         let applied = before != Some(after);
-        events.push(PendingEvent {
-            row,
-            conversion_id,
-            before,
-            after,
-            applied,
-        });
+        let event = sqlx::query(
+            "INSERT INTO conversion_events (dedup_key, conversion_id, status, payout, currency,
+                status_before, status_after, applied, edge_id, seq, request_id, ts)
+             VALUES ($1, $2, $3, $4::numeric / 1000000, $5, $6, $7, $8, $9, $10, $11,
+                'epoch'::timestamptz + $12 * interval '1 millisecond')
+             ON CONFLICT (dedup_key) DO NOTHING",
+        )
+        .bind(&row.dedup_key)
+        .bind(conversion_id)
+        .bind(row.status.as_str())
+        .bind(row.payout)
+        .bind(&row.currency)
+        .bind(before.map(ConvStatus::as_str))
+        .bind(after.as_str())
+        .bind(applied)
+        .bind(row.edge_id)
+        .bind(row.seq)
+        .bind(&row.request_id)
+        .bind(row.ts_ms)
+        .execute(&mut **tx)
+        .await
+        .context("insert conversion event")?;
+        if event.rows_affected() == 0 {
+            // Recorded by another transaction since the duplicate check:
+            // undo everything; the retry finds it a duplicate.
+            return Err(Raced.into());
+        }
         if !applied {
             return Ok((Outcome::NotApplied, None));
         }
@@ -630,73 +631,6 @@ impl Processor {
         }
         Ok((Outcome::Recorded, capped_offer))
     }
-}
-
-/// A conversion event a row of the batch recorded, written with the
-/// others by [`insert_events`].
-#[derive(Debug)]
-struct PendingEvent<'r> {
-    row: &'r InboxRow,
-    conversion_id: i64,
-    before: Option<ConvStatus>,
-    after: ConvStatus,
-    applied: bool,
-}
-
-/// Write the batch's events in one statement, in the rows' order (so their
-/// ids, which the mirror follows, are in that order). Any event another
-/// transaction recorded since the duplicate check makes it [`Raced`]: the
-/// batch is undone and its rows retried, which find it a duplicate.
-async fn insert_events(
-    tx: &mut Transaction<'_, Postgres>,
-    events: &[PendingEvent<'_>],
-) -> anyhow::Result<()> {
-    if events.is_empty() {
-        return Ok(());
-    }
-    let col = |f: fn(&PendingEvent<'_>) -> i64| events.iter().map(f).collect::<Vec<i64>>();
-    let keys: Vec<&[u8]> = events.iter().map(|e| &e.row.dedup_key[..]).collect();
-    let statuses: Vec<&str> = events.iter().map(|e| e.row.status.as_str()).collect();
-    let payouts: Vec<Option<i64>> = events.iter().map(|e| e.row.payout).collect();
-    let currencies: Vec<&str> = events.iter().map(|e| e.row.currency.as_str()).collect();
-    let befores: Vec<Option<&str>> = events
-        .iter()
-        .map(|e| e.before.map(ConvStatus::as_str))
-        .collect();
-    let afters: Vec<&str> = events.iter().map(|e| e.after.as_str()).collect();
-    let applied: Vec<bool> = events.iter().map(|e| e.applied).collect();
-    let edge_ids: Vec<i32> = events.iter().map(|e| e.row.edge_id).collect();
-    let request_ids: Vec<&str> = events.iter().map(|e| e.row.request_id.as_str()).collect();
-    let written = sqlx::query(
-        "INSERT INTO conversion_events (dedup_key, conversion_id, status, payout, currency,
-            status_before, status_after, applied, edge_id, seq, request_id, ts)
-         SELECT k, c, s, p::numeric / 1000000, cur, sb, sa, ap, e, q, r,
-            'epoch'::timestamptz + t * interval '1 millisecond'
-         FROM UNNEST($1::bytea[], $2::int8[], $3::text[], $4::int8[], $5::text[], $6::text[],
-                     $7::text[], $8::bool[], $9::int4[], $10::int8[], $11::text[], $12::int8[])
-              WITH ORDINALITY AS u(k, c, s, p, cur, sb, sa, ap, e, q, r, t, ord)
-         ORDER BY ord
-         ON CONFLICT (dedup_key) DO NOTHING",
-    )
-    .bind(&keys)
-    .bind(col(|e| e.conversion_id))
-    .bind(&statuses)
-    .bind(&payouts)
-    .bind(&currencies)
-    .bind(&befores)
-    .bind(&afters)
-    .bind(&applied)
-    .bind(&edge_ids)
-    .bind(col(|e| e.row.seq))
-    .bind(&request_ids)
-    .bind(col(|e| e.row.ts_ms))
-    .execute(&mut **tx)
-    .await
-    .context("insert conversion events")?;
-    if written.rows_affected() < events.len() as u64 {
-        return Err(Raced.into());
-    }
-    Ok(())
 }
 
 async fn upsert_commissions(
