@@ -1,7 +1,8 @@
 //! The operator contract of `affgate-edge` (DESIGN.md "Operator contract",
 //! docs/edge.md "Command line", docs/config.md): help, config errors that
 //! name their key, environment overrides, a links file refused with its
-//! line number, and a clean SIGTERM after which the ring keeps its records.
+//! line number, a ring too large for its filesystem refused at start, and a
+//! clean SIGTERM after which the ring keeps its records.
 
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
@@ -453,4 +454,77 @@ fn sigterm_exits_cleanly_and_the_ring_survives_a_restart() {
         e.child.try_wait().ok().flatten()
     });
     assert!(status.success(), "SIGINT exits 0, got {status:?}");
+}
+
+/// A tmpfs of `size`, mounted for the test and unmounted after it.
+struct SmallTmpfs(std::path::PathBuf);
+
+impl SmallTmpfs {
+    fn mount(at: &Path, size: &str) -> SmallTmpfs {
+        std::fs::create_dir_all(at).expect("mount point");
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .expect("run mount");
+        assert!(st.success(), "mount a {size} tmpfs at {}", at.display());
+        SmallTmpfs(at.to_owned())
+    }
+}
+
+impl Drop for SmallTmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_ring_larger_than_its_filesystem_refuses_start_and_takes_no_space() {
+    use std::os::unix::fs::MetadataExt;
+    // Mounting needs root, which CI and the project's machines have; a
+    // developer running the suite as another user skips this one check.
+    if std::fs::metadata("/proc/self").map(|m| m.uid()).ok() != Some(0) {
+        eprintln!("skipped: not root, cannot mount a small tmpfs");
+        return;
+    }
+    let (dir, cfg) = config_dir(&EdgeOpts {
+        size_mb: 16,
+        ..opts()
+    });
+    let small = dir.path().join("small");
+    let _fs = SmallTmpfs::mount(&small, "8m");
+    let ring = small.join("edge.ring");
+    let ring_env = ring.display().to_string();
+    let out = run(&[], Some(&cfg), &[("AFFGATE_BUFFER_PATH", &ring_env)]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "refused at start:\n{err}");
+    assert!(
+        err.contains("has no room for its") && err.contains("size_mb"),
+        "says why and which key:\n{err}"
+    );
+    assert!(
+        !stdout(&out).contains("listening"),
+        "never reported listeners"
+    );
+    let blocks = std::fs::metadata(&ring).map_or(0, |m| m.blocks());
+    assert_eq!(
+        blocks, 0,
+        "the refused ring holds no space on the filesystem"
+    );
+
+    // The same filesystem takes a ring that fits, allocated whole.
+    let _ = std::fs::remove_file(&ring);
+    let edge = EdgeProc::start(&EdgeOpts {
+        size_mb: 4,
+        env: vec![("AFFGATE_BUFFER_PATH".into(), ring_env.clone())],
+        ..opts()
+    });
+    let m = std::fs::metadata(&ring).expect("the ring on the small tmpfs");
+    assert!(
+        m.blocks() * 512 >= m.len(),
+        "a ring that fits is allocated whole: {} of {} bytes",
+        m.blocks() * 512,
+        m.len()
+    );
+    drop(edge);
 }
