@@ -19,9 +19,11 @@
 #     worker_processes = cores, access_log off); the edge delivers its UDP
 #     batches to a real collector writing to its own ClickHouse and
 #     PostgreSQL databases (dropped at exit);
-#  3. postback route only: 1,000 clicks through the edge first, whose click
-#     ids the postbacks then carry (each postback has its own txid, so each
-#     is a distinct conversion event);
+#  3. postback route only: the ledger in PostgreSQL (the network, an
+#     affiliate three levels deep, one offer, the same 10,000 links), then
+#     1,000 clicks through the edge, whose click ids the postbacks carry
+#     (each postback has its own txid, so each is a new conversion with an
+#     event and three commissions);
 #  4. a warm-up of 2 s each, then N rounds nginx, edge, nginx, edge...:
 #     wrk keep-alive, a random slug (click id) per request; per round the
 #     requests/s, p50/p99/p99.9 latency (wrk's histogram, from a Lua done()),
@@ -43,7 +45,8 @@
 #  7. postback route only: for up to AFFGATE_BENCH_PROCESS_SECS (default 20)
 #     with no load, how fast the conversion processor works through the
 #     inbox backlog the rounds left (rows/s) and the collector's and the
-#     stores' CPU per processed row.
+#     stores' CPU per processed row; then checks that every processed
+#     postback was recorded as a conversion with its commissions.
 # Bounded: every wrk run has a duration, every wait a deadline; a trap
 # stops nginx, the edge and the collector and removes the temp dir.
 set -euo pipefail
@@ -232,6 +235,24 @@ rm -f "$ring"
 collector_pid=""
 if [ "$delivery" = 1 ]; then
   "$collector" --config "$work/collector.toml" migrate >/dev/null
+  if [ "$route" = postback ]; then
+    # The ledger behind the postbacks, so each one is recorded as a real
+    # conversion (event, three commission levels, the ClickHouse mirror)
+    # rather than refused as an unknown link: the network the edge knows,
+    # an affiliate three levels deep, one offer, and the same 10,000 links.
+    psql -q -v ON_ERROR_STOP=1 "$pg_url" >/dev/null <<SQL
+INSERT INTO networks (id, name, postback_token) VALUES (1, 'bench', '$token');
+INSERT INTO affiliates (id, name, parent_id, path) VALUES
+  (1, 'top', NULL, '1'), (2, 'mid', 1, '1.2'), (3, 'leaf', 2, '1.2.3');
+INSERT INTO offers (id, name, network_id, payout, currency, commission_levels)
+  VALUES (1, 'bench', 1, 2.50, 'USD', '{0.5,0.2,0.1}');
+INSERT INTO links (id, slug, offer_id, affiliate_id, destination)
+  SELECT i + 1, 's' || i, 1, 3, 'https://merchant.example/p?c={click_id}'
+  FROM generate_series(0, 9999) AS i;
+SELECT setval(pg_get_serial_sequence(t, 'id'), 10000)
+  FROM unnest(ARRAY['networks', 'affiliates', 'offers', 'links']) AS t;
+SQL
+  fi
   "$collector" --config "$work/collector.toml" >"$work/collector.out" 2>"$work/collector.log" &
   collector_pid=$!
   pids+=("$collector_pid")
@@ -434,7 +455,14 @@ echo "ring after the drain: $("$edge" --config "$work/edge.toml" ring inspect | 
 # fast it works through that backlog and what each processed row costs:
 # collector and stores (PostgreSQL, and ClickHouse for the mirror) CPU.
 if [ "$route" = postback ]; then
-  backlog() { psql -qtA "$pg_url" -c "SELECT count(*) FROM postback_inbox WHERE processed_at IS NULL"; }
+  # The backlog from the collector's own counters: polling PostgreSQL with a
+  # count of the inbox would add a scan of it per second to the stores' CPU.
+  collector_metrics=$(sed -n 's/.* metrics=\([^ ]*\).*/\1/p' "$work/collector.out")
+  processed() {
+    curl -fsS "http://$collector_metrics/metrics" |
+      awk '$1 ~ /^affgate_collector_postbacks_processed_total/ { s += $2 } END { print s + 0 }'
+  }
+  backlog() { echo $((in_pg - $(processed))); }
   secs=${AFFGATE_BENCH_PROCESS_SECS:-20}
   b0=$(backlog)
   echo "== conversion processing: $b0 of $in_pg inbox rows unprocessed; measuring for up to ${secs} s"
@@ -458,4 +486,14 @@ print(f"conversion processing: {done} rows in {secs:.1f} s = {done / secs:,.0f} 
       f"CPU per processed row: collector {per(coll):.1f} µs, stores (PostgreSQL, ClickHouse) {per(stores):.1f} µs; "
       f"{b1} left unprocessed")
 PY
+  # What was measured must be the recording path: every processed postback a
+  # conversion with its three commissions, none refused (an unknown link, a
+  # bad click id) or skipped as a duplicate.
+  read -r recorded others conversions commissions <<<"$(psql -qtA -F' ' "$pg_url" -c "
+    SELECT count(*) FILTER (WHERE outcome = 'recorded'), count(*) FILTER (WHERE outcome <> 'recorded'),
+           (SELECT count(*) FROM conversions), (SELECT count(*) FROM commissions)
+    FROM postback_inbox WHERE processed_at IS NOT NULL")"
+  echo "processed inbox rows: $recorded recorded, $others otherwise; ledger: $conversions conversions, $commissions commissions"
+  [ "$others" = 0 ] && [ "$conversions" = "$recorded" ] && [ "$commissions" = $((3 * recorded)) ] ||
+    { echo "FAIL: not every processed postback became a conversion with three commissions" >&2; exit 1; }
 fi
