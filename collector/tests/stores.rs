@@ -721,6 +721,33 @@ async fn a_batch_commits_together_and_a_refused_row_spoils_only_itself() {
         (10, 10, 11, 20, "90.000000".into()),
         "ten approved conversions, 6 + 3 EUR each"
     );
+    // The batch's new conversions are written together: each event and
+    // each commission row must still name its own conversion.
+    let levels: Vec<(i16, i64, String, i64)> = sqlx::query_as(
+        "SELECT level, affiliate_id, amount::text, count(DISTINCT conversion_id)
+         FROM commissions GROUP BY 1, 2, 3 ORDER BY 1",
+    )
+    .fetch_all(&dbs.pool)
+    .await
+    .expect("commission levels");
+    assert_eq!(
+        levels,
+        [(0, 2, "6.000000".into(), 10), (1, 1, "3.000000".into(), 10)],
+        "every conversion: the child 60 %, its parent 30 %"
+    );
+    let astray: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM conversion_events e
+         JOIN conversions c ON c.id = e.conversion_id
+         JOIN postback_inbox p ON p.dedup_key = e.dedup_key
+         WHERE p.txid <> c.txid OR p.click_id <> c.click_id",
+    )
+    .fetch_one(&dbs.pool)
+    .await
+    .expect("events");
+    assert_eq!(
+        astray, 0,
+        "every event belongs to its postback's conversion"
+    );
     let commits: i64 =
         sqlx::query_scalar("SELECT count(DISTINCT processed_at) FROM postback_inbox")
             .fetch_one(&dbs.pool)

@@ -188,31 +188,28 @@ impl Processor {
             return Ok(Batch::Empty);
         }
         let pre = self.prefetch(&mut tx, &rows).await?;
-        let mut done = Vec::with_capacity(rows.len());
-        for ((row, click), key) in rows.iter().zip(&pre.clicks).zip(&pre.keys) {
-            match self.process(&mut tx, row, click.as_ref(), key, &pre).await {
-                Ok(r) => done.push(r),
-                Err(e) => {
-                    // Roll back before anything else: a dropped transaction
-                    // is only rolled back when its connection is next used,
-                    // and until then its row locks make the retries' SKIP
-                    // LOCKED claims come back empty (and would block
-                    // settle_failure's mark).
-                    tx.rollback()
-                        .await
-                        .with_context(|| format!("roll back after: {e:#}"))?;
-                    if rows.len() == 1 {
-                        return self.settle_failure(row, e).await.map(|()| Batch::Done(1));
-                    }
-                    tracing::debug!(
-                        error = format!("{e:#}"),
-                        rows = rows.len(),
-                        "batch rolled back; its rows are taken one by one"
-                    );
-                    return Ok(Batch::Failed(rows.len() as u64));
+        let done = match self.write_batch(&mut tx, &rows, &pre).await {
+            Ok(done) => done,
+            Err(e) => {
+                // Roll back before anything else: a dropped transaction is
+                // only rolled back when its connection is next used, and
+                // until then its row locks make the retries' SKIP LOCKED
+                // claims come back empty (and would block settle_failure's
+                // mark).
+                tx.rollback()
+                    .await
+                    .with_context(|| format!("roll back after: {e:#}"))?;
+                if let [row] = &rows[..] {
+                    return self.settle_failure(row, e).await.map(|()| Batch::Done(1));
                 }
+                tracing::debug!(
+                    error = format!("{e:#}"),
+                    rows = rows.len(),
+                    "batch rolled back; its rows are taken one by one"
+                );
+                return Ok(Batch::Failed(rows.len() as u64));
             }
-        }
+        };
         let keys: Vec<&[u8]> = rows.iter().map(|r| &r.dedup_key[..]).collect();
         let outcomes: Vec<&str> = done.iter().map(|(o, _)| o.as_str()).collect();
         mark_all(&mut tx, &keys, &outcomes).await?;
@@ -223,6 +220,32 @@ impl Processor {
         Ok(Batch::Done(rows.len() as u64))
     }
 
+    /// Every row of the batch, in claim order, with its outcome and the
+    /// offer it capped. New conversions without a cap are written together
+    /// ([`write_new`]), each run of them before the next row that is taken
+    /// alone, so the writes land in claim order as if made row by row.
+    async fn write_batch(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        rows: &[InboxRow],
+        pre: &Prefetched,
+    ) -> anyhow::Result<Vec<(Outcome, Option<i64>)>> {
+        let mut done = Vec::with_capacity(rows.len());
+        let mut run = Vec::new();
+        for ((row, click), key) in rows.iter().zip(&pre.clicks).zip(&pre.keys) {
+            if let Some(new) = self.plan_new(row, click.as_ref(), key, pre)? {
+                run.push(new);
+                done.push((Outcome::Recorded, None));
+                continue;
+            }
+            write_new(tx, &run).await?;
+            run.clear();
+            done.push(self.process(tx, row, click.as_ref(), key, pre).await?);
+        }
+        write_new(tx, &run).await?;
+        Ok(done)
+    }
+
     /// What the batch's rows read before any of them writes, in four
     /// statements for the batch instead of four per row: which dedup keys
     /// are already events, the links (with offer and affiliate path) their
@@ -230,6 +253,11 @@ impl Processor {
     /// the conversions they name, locked. A conversion key named by more
     /// than one row is left out of the lock, so those rows lock and read it
     /// one by one and each sees what the earlier rows wrote.
+    ///
+    /// These lookups are planned at every execution (`persistent(false)`):
+    /// a prepared statement's cached plan is chosen while its tables are
+    /// nearly empty, a sequential scan, and kept as they grow, until each
+    /// batch scanned the whole ledger (seen on `conversions`, PostgreSQL 15).
     async fn prefetch(
         &self,
         tx: &mut Transaction<'_, Postgres>,
@@ -249,6 +277,7 @@ impl Processor {
         let seen = sqlx::query_scalar::<_, Vec<u8>>(
             "SELECT dedup_key FROM conversion_events WHERE dedup_key = ANY($1)",
         )
+        .persistent(false)
         .bind(&dedup_keys)
         .fetch_all(&mut **tx)
         .await
@@ -269,6 +298,7 @@ impl Processor {
                           JOIN affiliates a ON a.id = l.affiliate_id
              WHERE l.id = ANY($1)",
         )
+        .persistent(false)
         .bind(&link_ids)
         .fetch_all(&mut **tx)
         .await
@@ -286,6 +316,7 @@ impl Processor {
         let quarantined = sqlx::query_scalar::<_, String>(
             "SELECT click_id FROM quarantined_clicks WHERE click_id = ANY($1)",
         )
+        .persistent(false)
         .bind(&verified)
         .fetch_all(&mut **tx)
         .await
@@ -397,8 +428,39 @@ impl Processor {
         }
     }
 
-    /// Everything inside the row's transaction. Returns the outcome and the
-    /// offer that just reached its cap, if any.
+    /// A row that makes a new conversion without touching a daily cap (the
+    /// common case), decided from the prefetch alone: its writes can wait
+    /// and be made with its neighbours' ([`write_new`]). None for every
+    /// other row (refused, an existing conversion, a key named again in the
+    /// batch, a capped offer's slot), which [`Self::process`] takes alone.
+    fn plan_new<'a>(
+        &self,
+        row: &'a InboxRow,
+        click: Option<&ClickIdFields>,
+        key: &'a DedupKey,
+        pre: &Prefetched,
+    ) -> anyhow::Result<Option<NewWrite<'a>>> {
+        if pre.seen.contains(&row.dedup_key[..]) {
+            return Ok(None);
+        }
+        let Some(click) = click else { return Ok(None) };
+        let Some(l) = pre.links.get(&link_id_of(click)) else {
+            return Ok(None);
+        };
+        let uncapped = l.daily_cap.is_none() || !decide::takes_cap_slot(row.status);
+        // Some(None): named once in the batch and locked, with no conversion yet.
+        if l.network_id != row.network_id
+            || !uncapped
+            || !matches!(pre.conversions.get(&key.0), Some(None))
+        {
+            return Ok(None);
+        }
+        new_write(row, click, l, key, pre, None).map(Some)
+    }
+
+    /// One row that [`Self::plan_new`] did not take, alone, inside the
+    /// batch's transaction. Returns the outcome and the offer that just
+    /// reached its cap, if any.
     async fn process(
         &self,
         tx: &mut Transaction<'_, Postgres>,
@@ -417,15 +479,10 @@ impl Processor {
         let Some(l) = pre.links.get(&link_id) else {
             return Ok((Outcome::Refused("unknown_link"), None));
         };
-        let (offer_id, affiliate_id) = (l.offer_id, l.affiliate_id);
+        let offer_id = l.offer_id;
         if l.network_id != row.network_id {
             return Ok((Outcome::Refused("network_mismatch"), None));
         }
-        // The network's amount, or the offer's payout in the offer's currency.
-        let (payout, currency) = match row.payout {
-            Some(p) => (p, row.currency.clone()),
-            None => (micros(&l.payout)?, l.currency.clone()),
-        };
         let existing = match pre.conversions.get(&conversion_key.0) {
             Some(locked) => locked.clone(),
             // Not locked by the prefetch: this key has an earlier row in
@@ -436,164 +493,101 @@ impl Processor {
                 .map(|(_, c)| c),
         };
 
-        let mut capped_offer = None;
-        // The conversion's amount and currency as they stand before this
-        // postback (None: it is new).
-        let mut stored: Option<(i64, String)> = None;
-        let (conversion_id, before, after) = match existing {
-            Some(c) => {
-                let current = c.status;
-                stored = Some((c.payout, c.currency));
-                let next = decide::transition(current, row.status);
-                (c.id, Some(current), next.unwrap_or(current))
-            }
-            None => {
-                let day = &row.day;
-                let cap = match l.daily_cap {
-                    Some(cap) if decide::takes_cap_slot(row.status) => {
-                        sqlx::query(
-                            "INSERT INTO offer_daily (offer_id, day) VALUES ($1, $2::date)
-                             ON CONFLICT DO NOTHING",
-                        )
-                        .bind(offer_id)
-                        .bind(day)
-                        .execute(&mut **tx)
-                        .await
-                        .context("cap row")?;
-                        let taken: i32 = sqlx::query_scalar(
-                            "SELECT conversions FROM offer_daily
-                             WHERE offer_id = $1 AND day = $2::date FOR UPDATE",
-                        )
-                        .bind(offer_id)
-                        .bind(day)
-                        .fetch_one(&mut **tx)
-                        .await
-                        .context("lock cap row")?;
-                        Some((i64::from(taken), i64::from(cap)))
-                    }
-                    _ => None,
-                };
-                let quarantined =
-                    l.link_status == "shadow_banned" || pre.quarantined.contains(&row.click_id);
-                let status = decide::first_status(&NewConversion {
-                    status: row.status,
-                    quarantined,
-                    age_ms: row.ts_ms - click.ts_ms as i64,
-                    window_days: i64::from(l.attribution_window_days),
-                    cap,
-                });
-                let inserted: Option<i64> = sqlx::query_scalar(
-                    "INSERT INTO conversions (conversion_key, click_id, network_id, txid, event,
-                        link_id, offer_id, affiliate_id, status, payout, currency,
-                        click_ts, converted_at)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10::numeric / 1000000, $11,
-                        'epoch'::timestamptz + $12 * interval '1 millisecond',
-                        'epoch'::timestamptz + $13 * interval '1 millisecond')
-                     ON CONFLICT (conversion_key) DO NOTHING RETURNING id",
-                )
-                .bind(&conversion_key.0[..])
-                .bind(&row.click_id)
-                .bind(row.network_id)
-                .bind(&row.txid)
-                .bind(&row.event)
-                .bind(link_id)
-                .bind(offer_id)
-                .bind(affiliate_id)
-                .bind(status.as_str())
-                .bind(payout)
-                .bind(&currency)
-                .bind(click.ts_ms as i64)
-                .bind(row.ts_ms)
-                .fetch_optional(&mut **tx)
-                .await
-                .context("insert conversion")?;
-                let Some(id) = inserted else {
-                    // Another collector created it after our look: roll
-                    // back and take the row again, now seeing that conversion.
-                    return Err(Raced.into());
-                };
-                if let Some((taken, cap)) = cap
-                    && status != ConvStatus::Capped
-                {
+        let Some(c) = existing else {
+            let day = &row.day;
+            let cap = match l.daily_cap {
+                Some(cap) if decide::takes_cap_slot(row.status) => {
                     sqlx::query(
-                        "UPDATE offer_daily SET conversions = conversions + 1
-                         WHERE offer_id = $1 AND day = $2::date",
+                        "INSERT INTO offer_daily (offer_id, day) VALUES ($1, $2::date)
+                         ON CONFLICT DO NOTHING",
                     )
                     .bind(offer_id)
                     .bind(day)
                     .execute(&mut **tx)
                     .await
-                    .context("count cap")?;
-                    if taken + 1 >= cap {
-                        let changed = sqlx::query(
-                            "UPDATE offers SET capped_on = $2::date, version = version + 1
-                             WHERE id = $1 AND (capped_on IS NULL OR capped_on < $2::date)
-                               AND $2::date >= (now() AT TIME ZONE 'UTC')::date",
-                        )
-                        .bind(offer_id)
-                        .bind(day)
-                        .execute(&mut **tx)
-                        .await
-                        .context("cap offer")?;
-                        if changed.rows_affected() > 0 {
-                            capped_offer = Some(offer_id);
-                        }
+                    .context("cap row")?;
+                    let taken: i32 = sqlx::query_scalar(
+                        "SELECT conversions FROM offer_daily
+                         WHERE offer_id = $1 AND day = $2::date FOR UPDATE",
+                    )
+                    .bind(offer_id)
+                    .bind(day)
+                    .fetch_one(&mut **tx)
+                    .await
+                    .context("lock cap row")?;
+                    Some((i64::from(taken), i64::from(cap)))
+                }
+                _ => None,
+            };
+            let new = new_write(row, click, l, conversion_key, pre, cap)?;
+            let status = new.status;
+            write_new(tx, std::slice::from_ref(&new)).await?;
+            let mut capped_offer = None;
+            if let Some((taken, cap)) = cap
+                && status != ConvStatus::Capped
+            {
+                sqlx::query(
+                    "UPDATE offer_daily SET conversions = conversions + 1
+                     WHERE offer_id = $1 AND day = $2::date",
+                )
+                .bind(offer_id)
+                .bind(day)
+                .execute(&mut **tx)
+                .await
+                .context("count cap")?;
+                if taken + 1 >= cap {
+                    let changed = sqlx::query(
+                        "UPDATE offers SET capped_on = $2::date, version = version + 1
+                         WHERE id = $1 AND (capped_on IS NULL OR capped_on < $2::date)
+                           AND $2::date >= (now() AT TIME ZONE 'UTC')::date",
+                    )
+                    .bind(offer_id)
+                    .bind(day)
+                    .execute(&mut **tx)
+                    .await
+                    .context("cap offer")?;
+                    if changed.rows_affected() > 0 {
+                        capped_offer = Some(offer_id);
                     }
                 }
-                (id, None, status)
             }
+            return Ok((Outcome::Recorded, capped_offer));
         };
 
-        let applied = before != Some(after);
-        let event = sqlx::query(
-            "INSERT INTO conversion_events (dedup_key, conversion_id, status, payout, currency,
-                status_before, status_after, applied, edge_id, seq, request_id, ts)
-             VALUES ($1, $2, $3, $4::numeric / 1000000, $5, $6, $7, $8, $9, $10, $11,
-                'epoch'::timestamptz + $12 * interval '1 millisecond')
-             ON CONFLICT (dedup_key) DO NOTHING",
+        // A postback for an existing conversion: a transition, or none.
+        let (conversion_id, before) = (c.id, c.status);
+        let after = decide::transition(before, row.status).unwrap_or(before);
+        let applied = before != after;
+        insert_events(
+            tx,
+            &[EventWrite {
+                row,
+                conversion_id,
+                before: Some(before),
+                after,
+            }],
         )
-        .bind(&row.dedup_key)
-        .bind(conversion_id)
-        .bind(row.status.as_str())
-        .bind(row.payout)
-        .bind(&row.currency)
-        .bind(before.map(ConvStatus::as_str))
-        .bind(after.as_str())
-        .bind(applied)
-        .bind(row.edge_id)
-        .bind(row.seq)
-        .bind(&row.request_id)
-        .bind(row.ts_ms)
-        .execute(&mut **tx)
-        .await
-        .context("insert conversion event")?;
-        if event.rows_affected() == 0 {
-            // Recorded by another transaction since the duplicate check:
-            // undo everything; the retry finds it a duplicate.
-            return Err(Raced.into());
-        }
+        .await?;
         if !applied {
             return Ok((Outcome::NotApplied, None));
         }
-        if before.is_some() {
-            sqlx::query("UPDATE conversions SET status = $2, updated_at = now() WHERE id = $1")
-                .bind(conversion_id)
-                .bind(after.as_str())
-                .execute(&mut **tx)
-                .await
-                .context("update conversion")?;
-        }
+        sqlx::query("UPDATE conversions SET status = $2, updated_at = now() WHERE id = $1")
+            .bind(conversion_id)
+            .bind(after.as_str())
+            .execute(&mut **tx)
+            .await
+            .context("update conversion")?;
         if after.has_commissions() {
-            // Amounts are (re)computed when the conversion is created and
-            // when it is approved (the approving postback may carry the
-            // final amount); other transitions only move the status.
-            let recompute = before.is_none() || after == ConvStatus::Approved;
-            if recompute {
+            // Amounts are (re)computed when the conversion is approved (the
+            // approving postback may carry the final amount); other
+            // transitions only move the status.
+            if after == ConvStatus::Approved {
                 // The approving postback's amount replaces the conversion's;
                 // without one, the conversion keeps what it has.
-                let (amount, cur) = match (stored, row.payout) {
-                    (Some(kept), None) => kept,
-                    (Some(_), Some(_)) => {
+                let (amount, currency) = match row.payout {
+                    None => (c.payout, c.currency),
+                    Some(_) => {
+                        let (payout, currency) = amount_of(row, l)?;
                         sqlx::query(
                             "UPDATE conversions SET payout = $2::numeric / 1000000, currency = $3
                              WHERE id = $1",
@@ -606,18 +600,18 @@ impl Processor {
                         .context("update payout")?;
                         (payout, currency)
                     }
-                    (None, _) => (payout, currency),
                 };
-                let rates = l
-                    .levels
-                    .iter()
-                    .map(|r| micros(r))
-                    .collect::<anyhow::Result<Vec<_>>>()?;
-                let path = &l.path;
-                let chain = split::beneficiaries(path)
-                    .with_context(|| format!("affiliate path {path} is not a chain of ids"))?;
-                let shares = split::split(amount, &rates, &chain);
-                upsert_commissions(tx, conversion_id, &shares, &cur, after).await?;
+                let shares = shares_of(l, amount)?;
+                upsert_commissions(
+                    tx,
+                    &[CommissionWrite {
+                        conversion_id,
+                        shares: &shares,
+                        currency: &currency,
+                        status: after,
+                    }],
+                )
+                .await?;
             } else {
                 sqlx::query(
                     "UPDATE commissions SET status = $2, updated_at = now() WHERE conversion_id = $1",
@@ -629,39 +623,278 @@ impl Processor {
                 .context("update commissions")?;
             }
         }
-        Ok((Outcome::Recorded, capped_offer))
+        Ok((Outcome::Recorded, None))
     }
 }
 
-async fn upsert_commissions(
-    tx: &mut Transaction<'_, Postgres>,
-    conversion_id: i64,
-    shares: &[split::Share],
-    currency: &str,
+/// The network's amount, or the offer's payout in the offer's currency.
+fn amount_of(row: &InboxRow, l: &LinkRow) -> anyhow::Result<(i64, String)> {
+    Ok(match row.payout {
+        Some(p) => (p, row.currency.clone()),
+        None => (micros(&l.payout)?, l.currency.clone()),
+    })
+}
+
+/// The commission split of `amount` over the link's affiliate and its
+/// ancestors, at the offer's rates.
+fn shares_of(l: &LinkRow, amount: i64) -> anyhow::Result<Vec<split::Share>> {
+    let rates = l
+        .levels
+        .iter()
+        .map(|r| micros(r))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let path = &l.path;
+    let chain = split::beneficiaries(path)
+        .with_context(|| format!("affiliate path {path} is not a chain of ids"))?;
+    Ok(split::split(amount, &rates, &chain))
+}
+
+/// A new conversion decided: its first status, amount and commissions.
+/// `cap` as for [`NewConversion::cap`].
+fn new_write<'a>(
+    row: &'a InboxRow,
+    click: &ClickIdFields,
+    l: &LinkRow,
+    key: &'a DedupKey,
+    pre: &Prefetched,
+    cap: Option<(i64, i64)>,
+) -> anyhow::Result<NewWrite<'a>> {
+    let (payout, currency) = amount_of(row, l)?;
+    let quarantined = l.link_status == "shadow_banned" || pre.quarantined.contains(&row.click_id);
+    let status = decide::first_status(&NewConversion {
+        status: row.status,
+        quarantined,
+        age_ms: row.ts_ms - click.ts_ms as i64,
+        window_days: i64::from(l.attribution_window_days),
+        cap,
+    });
+    let shares = if status.has_commissions() {
+        shares_of(l, payout)?
+    } else {
+        Vec::new()
+    };
+    Ok(NewWrite {
+        row,
+        key,
+        link_id: link_id_of(click),
+        offer_id: l.offer_id,
+        affiliate_id: l.affiliate_id,
+        click_ts_ms: click.ts_ms as i64,
+        status,
+        payout,
+        currency,
+        shares,
+    })
+}
+
+/// A new conversion to write: the conversion, its first event, its
+/// commissions.
+#[derive(Debug)]
+struct NewWrite<'a> {
+    row: &'a InboxRow,
+    key: &'a DedupKey,
+    link_id: i64,
+    offer_id: i64,
+    affiliate_id: i64,
+    click_ts_ms: i64,
     status: ConvStatus,
-) -> anyhow::Result<()> {
-    if shares.is_empty() {
+    /// Micro-units of `currency`.
+    payout: i64,
+    currency: String,
+    /// Empty unless the status earns commissions.
+    shares: Vec<split::Share>,
+}
+
+/// A conversion event to write.
+#[derive(Debug)]
+struct EventWrite<'a> {
+    row: &'a InboxRow,
+    conversion_id: i64,
+    before: Option<ConvStatus>,
+    after: ConvStatus,
+}
+
+/// One conversion's commissions to write.
+#[derive(Debug)]
+struct CommissionWrite<'a> {
+    conversion_id: i64,
+    shares: &'a [split::Share],
+    currency: &'a str,
+    status: ConvStatus,
+}
+
+/// Write new conversions, in order, with their events and commissions: three
+/// statements however many there are. A conversion or event that exists
+/// already (another collector was faster) is [`Raced`].
+async fn write_new(tx: &mut Transaction<'_, Postgres>, new: &[NewWrite<'_>]) -> anyhow::Result<()> {
+    if new.is_empty() {
         return Ok(());
     }
-    let levels: Vec<i16> = shares.iter().map(|s| s.level as i16).collect();
-    let affiliates: Vec<i64> = shares.iter().map(|s| s.affiliate_id).collect();
-    let rates: Vec<i64> = shares.iter().map(|s| s.rate).collect();
-    let amounts: Vec<i64> = shares.iter().map(|s| s.amount).collect();
+    let col = |f: &dyn Fn(&NewWrite<'_>) -> i64| new.iter().map(f).collect::<Vec<i64>>();
+    let keys: Vec<&[u8]> = new.iter().map(|n| &n.key.0[..]).collect();
+    let ids: Vec<(Vec<u8>, i64)> = sqlx::query_as(
+        "INSERT INTO conversions (conversion_key, click_id, network_id, txid, event,
+            link_id, offer_id, affiliate_id, status, payout, currency, click_ts, converted_at)
+         SELECT k, c, n, t, e, l, o, a, s, p::numeric / 1000000, cur,
+            'epoch'::timestamptz + cts * interval '1 millisecond',
+            'epoch'::timestamptz + ts * interval '1 millisecond'
+         FROM UNNEST($1::bytea[], $2::text[], $3::int8[], $4::text[], $5::text[], $6::int8[],
+                     $7::int8[], $8::int8[], $9::text[], $10::int8[], $11::text[], $12::int8[],
+                     $13::int8[]) WITH ORDINALITY
+              AS u(k, c, n, t, e, l, o, a, s, p, cur, cts, ts, ord)
+         ORDER BY ord
+         ON CONFLICT (conversion_key) DO NOTHING RETURNING conversion_key, id",
+    )
+    .bind(&keys)
+    .bind(
+        new.iter()
+            .map(|n| n.row.click_id.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(col(&|n| n.row.network_id))
+    .bind(new.iter().map(|n| n.row.txid.as_str()).collect::<Vec<_>>())
+    .bind(new.iter().map(|n| n.row.event.as_str()).collect::<Vec<_>>())
+    .bind(col(&|n| n.link_id))
+    .bind(col(&|n| n.offer_id))
+    .bind(col(&|n| n.affiliate_id))
+    .bind(new.iter().map(|n| n.status.as_str()).collect::<Vec<_>>())
+    .bind(col(&|n| n.payout))
+    .bind(new.iter().map(|n| n.currency.as_str()).collect::<Vec<_>>())
+    .bind(col(&|n| n.click_ts_ms))
+    .bind(col(&|n| n.row.ts_ms))
+    .fetch_all(&mut **tx)
+    .await
+    .context("insert conversions")?;
+    if ids.len() != new.len() {
+        // Another collector created some of them after our look: roll back
+        // and take the rows again, now seeing those conversions.
+        return Err(Raced.into());
+    }
+    let ids: HashMap<Vec<u8>, i64> = ids.into_iter().collect();
+    let id_of = |n: &NewWrite<'_>| -> anyhow::Result<i64> {
+        ids.get(&n.key.0[..])
+            .copied()
+            .context("a conversion the insert did not return")
+    };
+    let events = new
+        .iter()
+        .map(|n| {
+            Ok(EventWrite {
+                row: n.row,
+                conversion_id: id_of(n)?,
+                before: None,
+                after: n.status,
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    insert_events(tx, &events).await?;
+    let commissions = new
+        .iter()
+        .zip(&events)
+        .filter(|(n, _)| !n.shares.is_empty())
+        .map(|(n, e)| CommissionWrite {
+            conversion_id: e.conversion_id,
+            shares: &n.shares,
+            currency: &n.currency,
+            status: n.status,
+        })
+        .collect::<Vec<_>>();
+    upsert_commissions(tx, &commissions).await
+}
+
+/// Write conversion events, in order, in one statement. One that exists
+/// already (recorded by another transaction since the duplicate check) is
+/// [`Raced`]: everything is undone and the retry finds it a duplicate.
+async fn insert_events(
+    tx: &mut Transaction<'_, Postgres>,
+    events: &[EventWrite<'_>],
+) -> anyhow::Result<()> {
+    let written = sqlx::query(
+        "INSERT INTO conversion_events (dedup_key, conversion_id, status, payout, currency,
+            status_before, status_after, applied, edge_id, seq, request_id, ts)
+         SELECT k, c, s, p::numeric / 1000000, cur, b, a, b IS DISTINCT FROM a, e, q, r,
+            'epoch'::timestamptz + ts * interval '1 millisecond'
+         FROM UNNEST($1::bytea[], $2::int8[], $3::text[], $4::int8[], $5::text[], $6::text[],
+                     $7::text[], $8::int4[], $9::int8[], $10::text[], $11::int8[]) WITH ORDINALITY
+              AS u(k, c, s, p, cur, b, a, e, q, r, ts, ord)
+         ORDER BY ord
+         ON CONFLICT (dedup_key) DO NOTHING",
+    )
+    .bind(
+        events
+            .iter()
+            .map(|e| &e.row.dedup_key[..])
+            .collect::<Vec<_>>(),
+    )
+    .bind(events.iter().map(|e| e.conversion_id).collect::<Vec<_>>())
+    .bind(
+        events
+            .iter()
+            .map(|e| e.row.status.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(events.iter().map(|e| e.row.payout).collect::<Vec<_>>())
+    .bind(
+        events
+            .iter()
+            .map(|e| e.row.currency.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        events
+            .iter()
+            .map(|e| e.before.map(ConvStatus::as_str))
+            .collect::<Vec<_>>(),
+    )
+    .bind(events.iter().map(|e| e.after.as_str()).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| e.row.edge_id).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| e.row.seq).collect::<Vec<_>>())
+    .bind(
+        events
+            .iter()
+            .map(|e| e.row.request_id.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(events.iter().map(|e| e.row.ts_ms).collect::<Vec<_>>())
+    .execute(&mut **tx)
+    .await
+    .context("insert conversion events")?;
+    if written.rows_affected() != events.len() as u64 {
+        return Err(Raced.into());
+    }
+    Ok(())
+}
+
+/// Write (or, on approval, rewrite) conversions' commissions, one row per
+/// level, in one statement.
+async fn upsert_commissions(
+    tx: &mut Transaction<'_, Postgres>,
+    writes: &[CommissionWrite<'_>],
+) -> anyhow::Result<()> {
+    let shares = || {
+        writes
+            .iter()
+            .flat_map(|w| w.shares.iter().map(move |s| (w, s)))
+    };
+    if shares().next().is_none() {
+        return Ok(());
+    }
     sqlx::query(
         "INSERT INTO commissions (conversion_id, level, affiliate_id, rate, amount, currency, status)
-         SELECT $1, lv, af, r::numeric / 1000000, a::numeric / 1000000, $6, $7
-         FROM UNNEST($2::int2[], $3::int8[], $4::int8[], $5::int8[]) AS u(lv, af, r, a)
+         SELECT c, lv, af, r::numeric / 1000000, a::numeric / 1000000, cur, s
+         FROM UNNEST($1::int8[], $2::int2[], $3::int8[], $4::int8[], $5::int8[], $6::text[],
+                     $7::text[]) AS u(c, lv, af, r, a, cur, s)
          ON CONFLICT (conversion_id, level) DO UPDATE
             SET amount = EXCLUDED.amount, currency = EXCLUDED.currency,
                 status = EXCLUDED.status, updated_at = now()",
     )
-    .bind(conversion_id)
-    .bind(levels)
-    .bind(affiliates)
-    .bind(rates)
-    .bind(amounts)
-    .bind(currency)
-    .bind(status.as_str())
+    .bind(shares().map(|(w, _)| w.conversion_id).collect::<Vec<_>>())
+    .bind(shares().map(|(_, s)| s.level as i16).collect::<Vec<_>>())
+    .bind(shares().map(|(_, s)| s.affiliate_id).collect::<Vec<_>>())
+    .bind(shares().map(|(_, s)| s.rate).collect::<Vec<_>>())
+    .bind(shares().map(|(_, s)| s.amount).collect::<Vec<_>>())
+    .bind(shares().map(|(w, _)| w.currency).collect::<Vec<_>>())
+    .bind(shares().map(|(w, _)| w.status.as_str()).collect::<Vec<_>>())
     .execute(&mut **tx)
     .await
     .context("write commissions")?;
@@ -755,6 +988,7 @@ async fn lock_conversions(
          FROM conversions WHERE conversion_key = ANY($1)
          ORDER BY conversion_key FOR UPDATE",
     )
+    .persistent(false)
     .bind(keys)
     .fetch_all(&mut **tx)
     .await
