@@ -516,7 +516,7 @@ fn a_ring_larger_than_its_filesystem_refuses_start_and_takes_no_space() {
     let _ = std::fs::remove_file(&ring);
     let edge = EdgeProc::start(&EdgeOpts {
         size_mb: 4,
-        env: vec![("AFFGATE_BUFFER_PATH".into(), ring_env.clone())],
+        env: vec![("AFFGATE_BUFFER_PATH".into(), ring_env)],
         ..opts()
     });
     let m = std::fs::metadata(&ring).expect("the ring on the small tmpfs");

@@ -236,7 +236,7 @@ impl Processor {
         let mut done = Vec::with_capacity(rows.len());
         let mut run = Vec::new();
         for ((row, click), key) in rows.iter().zip(&pre.clicks).zip(&pre.keys) {
-            if let Some(new) = self.plan_new(row, click.as_ref(), key, pre)? {
+            if let Some(new) = plan_new(row, click.as_ref(), key, pre)? {
                 run.push(new);
                 done.push((Outcome::Recorded, None));
                 continue;
@@ -431,37 +431,7 @@ impl Processor {
         }
     }
 
-    /// A row that makes a new conversion without touching a daily cap (the
-    /// common case), decided from the prefetch alone: its writes can wait
-    /// and be made with its neighbours' ([`write_new`]). None for every
-    /// other row (refused, an existing conversion, a key named again in the
-    /// batch, a capped offer's slot), which [`Self::process`] takes alone.
-    fn plan_new<'a>(
-        &self,
-        row: &'a InboxRow,
-        click: Option<&ClickIdFields>,
-        key: &'a DedupKey,
-        pre: &Prefetched,
-    ) -> anyhow::Result<Option<NewWrite<'a>>> {
-        if pre.seen.contains(&row.dedup_key[..]) {
-            return Ok(None);
-        }
-        let Some(click) = click else { return Ok(None) };
-        let Some(l) = pre.links.get(&link_id_of(click)) else {
-            return Ok(None);
-        };
-        let uncapped = l.daily_cap.is_none() || !decide::takes_cap_slot(row.status);
-        // Some(None): named once in the batch and locked, with no conversion yet.
-        if l.network_id != row.network_id
-            || !uncapped
-            || !matches!(pre.conversions.get(&key.0), Some(None))
-        {
-            return Ok(None);
-        }
-        new_write(row, click, l, key, pre, None).map(Some)
-    }
-
-    /// One row that [`Self::plan_new`] did not take, alone, inside the
+    /// One row that [`plan_new`] did not take, alone, inside the
     /// batch's transaction. Returns the outcome and the offer that just
     /// reached its cap, if any.
     async fn process(
@@ -472,20 +442,11 @@ impl Processor {
         conversion_key: &DedupKey,
         pre: &Prefetched,
     ) -> anyhow::Result<(Outcome, Option<i64>)> {
-        if pre.seen.contains(&row.dedup_key[..]) {
-            return Ok((Outcome::Refused("duplicate"), None));
-        }
-        let Some(click) = click else {
-            return Ok((Outcome::Refused("bad_click_id"), None));
-        };
-        let link_id = link_id_of(click);
-        let Some(l) = pre.links.get(&link_id) else {
-            return Ok((Outcome::Refused("unknown_link"), None));
+        let (click, l) = match attribute(row, click, pre) {
+            Ok(attributed) => attributed,
+            Err(refused) => return Ok((refused, None)),
         };
         let offer_id = l.offer_id;
-        if l.network_id != row.network_id {
-            return Ok((Outcome::Refused("network_mismatch"), None));
-        }
         let existing = match pre.conversions.get(&conversion_key.0) {
             Some(locked) => locked.clone(),
             // Not locked by the prefetch: this key has an earlier row in
@@ -630,6 +591,51 @@ impl Processor {
     }
 }
 
+/// The checks every row passes before it can be attributed, in order: not
+/// already an event, a click id that verifies, a known link, the offer's
+/// network. Its click and link, or the refusal.
+fn attribute<'c, 'p>(
+    row: &InboxRow,
+    click: Option<&'c ClickIdFields>,
+    pre: &'p Prefetched,
+) -> Result<(&'c ClickIdFields, &'p LinkRow), Outcome> {
+    if pre.seen.contains(&row.dedup_key[..]) {
+        return Err(Outcome::Refused("duplicate"));
+    }
+    let Some(click) = click else {
+        return Err(Outcome::Refused("bad_click_id"));
+    };
+    let Some(l) = pre.links.get(&link_id_of(click)) else {
+        return Err(Outcome::Refused("unknown_link"));
+    };
+    if l.network_id != row.network_id {
+        return Err(Outcome::Refused("network_mismatch"));
+    }
+    Ok((click, l))
+}
+
+/// A row that makes a new conversion without touching a daily cap (the
+/// common case), decided from the prefetch alone: its writes can wait and
+/// be made with its neighbours' ([`write_new`]). None for every other row
+/// (refused, an existing conversion, a key named again in the batch, a
+/// capped offer's slot), which [`Processor::process`] takes alone.
+fn plan_new<'a>(
+    row: &'a InboxRow,
+    click: Option<&ClickIdFields>,
+    key: &'a DedupKey,
+    pre: &Prefetched,
+) -> anyhow::Result<Option<NewWrite<'a>>> {
+    let Ok((click, l)) = attribute(row, click, pre) else {
+        return Ok(None);
+    };
+    let capped = l.daily_cap.is_some() && decide::takes_cap_slot(row.status);
+    // Some(None): named once in the batch and locked, with no conversion yet.
+    if capped || !matches!(pre.conversions.get(&key.0), Some(None)) {
+        return Ok(None);
+    }
+    new_write(row, click, l, key, pre, None).map(Some)
+}
+
 /// The network's amount, or the offer's payout in the offer's currency.
 fn amount_of(row: &InboxRow, l: &LinkRow) -> anyhow::Result<(i64, String)> {
     Ok(match row.payout {
@@ -733,8 +739,6 @@ async fn write_new(tx: &mut Transaction<'_, Postgres>, new: &[NewWrite<'_>]) -> 
     if new.is_empty() {
         return Ok(());
     }
-    let col = |f: &dyn Fn(&NewWrite<'_>) -> i64| new.iter().map(f).collect::<Vec<i64>>();
-    let keys: Vec<&[u8]> = new.iter().map(|n| &n.key.0[..]).collect();
     let ids: Vec<(Vec<u8>, i64)> = sqlx::query_as(
         "INSERT INTO conversions (conversion_key, click_id, network_id, txid, event,
             link_id, offer_id, affiliate_id, status, payout, currency, click_ts, converted_at)
@@ -748,23 +752,19 @@ async fn write_new(tx: &mut Transaction<'_, Postgres>, new: &[NewWrite<'_>]) -> 
          ORDER BY ord
          ON CONFLICT (conversion_key) DO NOTHING RETURNING conversion_key, id",
     )
-    .bind(&keys)
-    .bind(
-        new.iter()
-            .map(|n| n.row.click_id.as_str())
-            .collect::<Vec<_>>(),
-    )
-    .bind(col(&|n| n.row.network_id))
-    .bind(new.iter().map(|n| n.row.txid.as_str()).collect::<Vec<_>>())
-    .bind(new.iter().map(|n| n.row.event.as_str()).collect::<Vec<_>>())
-    .bind(col(&|n| n.link_id))
-    .bind(col(&|n| n.offer_id))
-    .bind(col(&|n| n.affiliate_id))
-    .bind(new.iter().map(|n| n.status.as_str()).collect::<Vec<_>>())
-    .bind(col(&|n| n.payout))
-    .bind(new.iter().map(|n| n.currency.as_str()).collect::<Vec<_>>())
-    .bind(col(&|n| n.click_ts_ms))
-    .bind(col(&|n| n.row.ts_ms))
+    .bind(column(new, |n| &n.key.0[..]))
+    .bind(column(new, |n| n.row.click_id.as_str()))
+    .bind(column(new, |n| n.row.network_id))
+    .bind(column(new, |n| n.row.txid.as_str()))
+    .bind(column(new, |n| n.row.event.as_str()))
+    .bind(column(new, |n| n.link_id))
+    .bind(column(new, |n| n.offer_id))
+    .bind(column(new, |n| n.affiliate_id))
+    .bind(column(new, |n| n.status.as_str()))
+    .bind(column(new, |n| n.payout))
+    .bind(column(new, |n| n.currency.as_str()))
+    .bind(column(new, |n| n.click_ts_ms))
+    .bind(column(new, |n| n.row.ts_ms))
     .fetch_all(&mut **tx)
     .await
     .context("insert conversions")?;
@@ -823,42 +823,17 @@ async fn insert_events(
          ORDER BY ord
          ON CONFLICT (dedup_key) DO NOTHING",
     )
-    .bind(
-        events
-            .iter()
-            .map(|e| &e.row.dedup_key[..])
-            .collect::<Vec<_>>(),
-    )
-    .bind(events.iter().map(|e| e.conversion_id).collect::<Vec<_>>())
-    .bind(
-        events
-            .iter()
-            .map(|e| e.row.status.as_str())
-            .collect::<Vec<_>>(),
-    )
-    .bind(events.iter().map(|e| e.row.payout).collect::<Vec<_>>())
-    .bind(
-        events
-            .iter()
-            .map(|e| e.row.currency.as_str())
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        events
-            .iter()
-            .map(|e| e.before.map(ConvStatus::as_str))
-            .collect::<Vec<_>>(),
-    )
-    .bind(events.iter().map(|e| e.after.as_str()).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| e.row.edge_id).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| e.row.seq).collect::<Vec<_>>())
-    .bind(
-        events
-            .iter()
-            .map(|e| e.row.request_id.as_str())
-            .collect::<Vec<_>>(),
-    )
-    .bind(events.iter().map(|e| e.row.ts_ms).collect::<Vec<_>>())
+    .bind(column(events, |e| &e.row.dedup_key[..]))
+    .bind(column(events, |e| e.conversion_id))
+    .bind(column(events, |e| e.row.status.as_str()))
+    .bind(column(events, |e| e.row.payout))
+    .bind(column(events, |e| e.row.currency.as_str()))
+    .bind(column(events, |e| e.before.map(ConvStatus::as_str)))
+    .bind(column(events, |e| e.after.as_str()))
+    .bind(column(events, |e| e.row.edge_id))
+    .bind(column(events, |e| e.row.seq))
+    .bind(column(events, |e| e.row.request_id.as_str()))
+    .bind(column(events, |e| e.row.ts_ms))
     .execute(&mut **tx)
     .await
     .context("insert conversion events")?;
@@ -874,12 +849,11 @@ async fn upsert_commissions(
     tx: &mut Transaction<'_, Postgres>,
     writes: &[CommissionWrite<'_>],
 ) -> anyhow::Result<()> {
-    let shares = || {
-        writes
-            .iter()
-            .flat_map(|w| w.shares.iter().map(move |s| (w, s)))
-    };
-    if shares().next().is_none() {
+    let shares: Vec<(&CommissionWrite<'_>, &split::Share)> = writes
+        .iter()
+        .flat_map(|w| w.shares.iter().map(move |s| (w, s)))
+        .collect();
+    if shares.is_empty() {
         return Ok(());
     }
     sqlx::query(
@@ -891,13 +865,13 @@ async fn upsert_commissions(
             SET amount = EXCLUDED.amount, currency = EXCLUDED.currency,
                 status = EXCLUDED.status, updated_at = now()",
     )
-    .bind(shares().map(|(w, _)| w.conversion_id).collect::<Vec<_>>())
-    .bind(shares().map(|(_, s)| s.level as i16).collect::<Vec<_>>())
-    .bind(shares().map(|(_, s)| s.affiliate_id).collect::<Vec<_>>())
-    .bind(shares().map(|(_, s)| s.rate).collect::<Vec<_>>())
-    .bind(shares().map(|(_, s)| s.amount).collect::<Vec<_>>())
-    .bind(shares().map(|(w, _)| w.currency).collect::<Vec<_>>())
-    .bind(shares().map(|(w, _)| w.status.as_str()).collect::<Vec<_>>())
+    .bind(column(&shares, |(w, _)| w.conversion_id))
+    .bind(column(&shares, |(_, s)| s.level as i16))
+    .bind(column(&shares, |(_, s)| s.affiliate_id))
+    .bind(column(&shares, |(_, s)| s.rate))
+    .bind(column(&shares, |(_, s)| s.amount))
+    .bind(column(&shares, |(w, _)| w.currency))
+    .bind(column(&shares, |(w, _)| w.status.as_str()))
     .execute(&mut **tx)
     .await
     .context("write commissions")?;
@@ -1071,6 +1045,11 @@ async fn mark_all(
     .await
     .context("mark inbox rows")?;
     Ok(())
+}
+
+/// One field of every item, as an array to bind for `UNNEST`.
+fn column<'a, T, U>(items: &'a [T], field: impl Fn(&'a T) -> U) -> Vec<U> {
+    items.iter().map(field).collect()
 }
 
 /// numeric text (`12.500000`) to micro-units.
