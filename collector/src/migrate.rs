@@ -17,9 +17,13 @@
 //! 3. for every later file not yet recorded there, runs its statements in
 //!    order, then records the file's version, name and blake3 checksum.
 //!
-//! Every ClickHouse statement is `CREATE ... IF NOT EXISTS`, so a run that
-//! died between a file's statements (or before recording it) is repaired by
-//! the next run. In the files, `{db}` stands for the configured database
+//! A run that died between a file's statements (or before recording it) is
+//! repaired by the next run, which runs the whole file again: every
+//! statement is `CREATE ... IF NOT EXISTS`, except in a file that rebuilds a
+//! table derived from `clicks` (`0004_clicks_hourly_flags.sql`), which first
+//! drops it (`DROP ... IF EXISTS`) and then fills it again with
+//! `INSERT ... SELECT ... FROM clicks`, so running it again from the top
+//! gives the same table. In the files, `{db}` stands for the configured database
 //! (checked to be a plain identifier) and qualifies every table name, so a
 //! materialized view never depends on a session's current database. A file
 //! changed after it was applied is refused, as sqlx does for PostgreSQL.
@@ -54,6 +58,10 @@ pub const CLICKHOUSE: &[(&str, &str)] = &[
         "0003_clicks_hourly.sql",
         include_str!("../../migrations/clickhouse/0003_clicks_hourly.sql"),
     ),
+    (
+        "0004_clicks_hourly_flags.sql",
+        include_str!("../../migrations/clickhouse/0004_clicks_hourly_flags.sql"),
+    ),
 ];
 
 /// What one run did: file names applied now, and already applied before.
@@ -65,6 +73,16 @@ pub struct Report {
 
 /// Applies the ClickHouse migrations to `cfg.database`, creating it first.
 pub async fn clickhouse(cfg: &ClickHouseConfig) -> anyhow::Result<Report> {
+    clickhouse_files(cfg, CLICKHOUSE).await
+}
+
+/// Applies `files` (a prefix of [`CLICKHOUSE`], in order) as [`clickhouse`]
+/// does: tests use it to build a database as an older release left it and
+/// then upgrade it.
+pub async fn clickhouse_files(
+    cfg: &ClickHouseConfig,
+    files: &[(&str, &str)],
+) -> anyhow::Result<Report> {
     let db = cfg.database.as_str();
     if !is_plain_identifier(db) {
         bail!("clickhouse database `{db}` is not a plain identifier");
@@ -77,12 +95,12 @@ pub async fn clickhouse(cfg: &ClickHouseConfig) -> anyhow::Result<Report> {
         .with_context(|| format!("create clickhouse database {db} at {}", cfg.url))?;
     let ch = client(cfg, Some(db));
 
-    let mut files = Vec::new();
-    for (name, text) in CLICKHOUSE {
+    let mut numbered = Vec::new();
+    for (name, text) in files {
         let version = file_version(name)?;
-        files.push((version, *name, *text));
+        numbered.push((version, *name, *text));
     }
-    let (bootstrap, rest): (Vec<_>, Vec<_>) = files.into_iter().partition(|(v, _, _)| *v == 0);
+    let (bootstrap, rest): (Vec<_>, Vec<_>) = numbered.into_iter().partition(|(v, _, _)| *v == 0);
     for (_, name, text) in &bootstrap {
         run_clickhouse_file(&ch, db, name, text).await?;
     }
@@ -338,12 +356,39 @@ mod tests {
     #[test]
     fn clickhouse_statements_are_portable_and_idempotent() {
         for (name, text) in CLICKHOUSE {
-            for sql in split_statements(text).unwrap() {
+            let statements = split_statements(text).unwrap();
+            for (i, sql) in statements.iter().enumerate() {
                 let upper = sql.to_ascii_uppercase();
-                assert!(
-                    upper.contains("IF NOT EXISTS"),
-                    "{name}: every statement is CREATE ... IF NOT EXISTS: {sql}"
-                );
+                if let Some(rest) = upper.strip_prefix("INSERT INTO ") {
+                    // Only a rebuild: the same file dropped the table and
+                    // created it again before filling it.
+                    let target = rest.split_whitespace().next().unwrap_or_default();
+                    let earlier: Vec<String> = statements[..i]
+                        .iter()
+                        .map(|s| s.to_ascii_uppercase())
+                        .collect();
+                    assert!(
+                        earlier
+                            .iter()
+                            .any(|s| s == &format!("DROP TABLE IF EXISTS {target}")),
+                        "{name}: INSERT INTO {target} without dropping it first"
+                    );
+                    assert!(
+                        earlier.iter().any(|s| s
+                            .starts_with(&format!("CREATE TABLE IF NOT EXISTS {target}"))),
+                        "{name}: INSERT INTO {target} without creating it first"
+                    );
+                } else if upper.starts_with("DROP ") {
+                    assert!(
+                        upper.starts_with("DROP TABLE IF EXISTS {DB}."),
+                        "{name}: DROP TABLE IF EXISTS {{db}}.name: {sql}"
+                    );
+                } else {
+                    assert!(
+                        upper.starts_with("CREATE ") && upper.contains("IF NOT EXISTS"),
+                        "{name}: every other statement is CREATE ... IF NOT EXISTS: {sql}"
+                    );
+                }
                 assert!(!sql.contains('?'), "{name}: `?` is a bind placeholder");
                 for missing_in_18_16 in ["LOWCARDINALITY", "DATETIME64", " TTL ", "IPV6", "CODEC("]
                 {

@@ -208,7 +208,8 @@ async fn migrate_twice_changes_nothing() {
         [
             "0001_clicks.sql",
             "0002_conversions.sql",
-            "0003_clicks_hourly.sql"
+            "0003_clicks_hourly.sql",
+            "0004_clicks_hourly_flags.sql"
         ],
         "a new database gets every file"
     );
@@ -219,11 +220,11 @@ async fn migrate_twice_changes_nothing() {
         second.applied.is_empty(),
         "nothing left to apply: {second:?}"
     );
-    assert_eq!(second.already.len(), 3);
+    assert_eq!(second.already.len(), 4);
     assert_eq!(
         dbs.ch_count("SELECT count() FROM affgate_migrations FINAL")
             .await,
-        3,
+        4,
         "one bookkeeping row per file"
     );
 
@@ -273,6 +274,112 @@ async fn migrate_twice_changes_nothing() {
     );
 }
 
+/// `clicks_hourly_totals` against a model of `clicks` (distinct click ids
+/// per hour and link, and how many of them were quarantined or fell back).
+async fn assert_hourly_totals(dbs: &TestDbs, clicks: &[Click]) {
+    let mut want: Vec<(u32, u64, u64, u64, u64)> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for c in clicks.iter().filter(|c| seen.insert(c.click_id.clone())) {
+        let hour = (c.ts_ms / 1000 / 3600 * 3600) as u32;
+        match want.iter_mut().find(|w| w.0 == hour && w.1 == c.link_id) {
+            Some(w) => {
+                w.2 += 1;
+                w.3 += u64::from(c.quarantined);
+                w.4 += u64::from(c.fallback);
+            }
+            None => want.push((
+                hour,
+                c.link_id,
+                1,
+                u64::from(c.quarantined),
+                u64::from(c.fallback),
+            )),
+        }
+    }
+    want.sort();
+    let got: Vec<(u32, u64, u64, u64, u64)> = dbs
+        .ch()
+        .query(
+            "SELECT toUInt32(hour), link_id, clicks, quarantined, fallbacks \
+             FROM clicks_hourly_totals ORDER BY hour, link_id",
+        )
+        .fetch_all()
+        .await
+        .expect("read totals");
+    assert_eq!(got, want, "hourly totals per link");
+}
+
+/// A database as release 0003 left it, its rollup already counting clicks,
+/// upgraded by `0004_clicks_hourly_flags.sql`: the rollup is rebuilt from
+/// clicks with the same totals, in its new shape, and the new view counts
+/// what is inserted afterwards, once, including clicks it already had.
+#[tokio::test]
+async fn the_rollup_rebuilt_by_0004_keeps_every_click() {
+    let dbs = TestDbs::new().await;
+    let old = migrate::clickhouse_files(&dbs.ch, &migrate::CLICKHOUSE[..4])
+        .await
+        .expect("migrations up to 0003");
+    assert_eq!(
+        old.applied.last().map(String::as_str),
+        Some("0003_clicks_hourly.sql")
+    );
+    let store = ClickStore::new(&dbs.ch);
+    let clicks: Vec<Click> = (0..200).map(click).collect();
+    store
+        .insert(&clicks[..150], T0_MS + 5_000)
+        .await
+        .expect("insert before the upgrade");
+    store
+        .insert(&clicks[100..150], T0_MS + 6_000)
+        .await
+        .expect("redelivered before the upgrade");
+    assert_eq!(
+        dbs.ch_count("SELECT uniqExactIfMerge(quarantined) FROM clicks_hourly")
+            .await,
+        22,
+        "the old rollup's shape, counting: 22 of clicks 0..150 are multiples of 7"
+    );
+
+    let upgrade = migrate::clickhouse(&dbs.ch).await.expect("upgrade");
+    assert_eq!(upgrade.applied, ["0004_clicks_hourly_flags.sql"]);
+    assert_hourly_totals(&dbs, &clicks[..150]).await;
+    let mut columns: Vec<(String, String)> = dbs
+        .ch()
+        .query(
+            "SELECT name, type FROM system.columns WHERE database = ? AND table = 'clicks_hourly'",
+        )
+        .bind(dbs.name.as_str())
+        .fetch_all()
+        .await
+        .expect("rollup columns");
+    columns.sort();
+    let mut want: Vec<(String, String)> = [
+        ("hour", "DateTime('UTC')"),
+        ("link_id", "UInt64"),
+        ("offer_id", "UInt64"),
+        ("affiliate_id", "UInt64"),
+        ("quarantined", "UInt8"),
+        ("fallback", "UInt8"),
+        ("clicks", "AggregateFunction(uniqExact, String)"),
+    ]
+    .map(|(n, t)| (n.to_string(), t.to_string()))
+    .to_vec();
+    want.sort();
+    assert_eq!(columns, want, "the rollup in its new shape");
+
+    // Clicks 120..150 again (already counted by the backfill) and 150..200.
+    store
+        .insert(&clicks[120..], T0_MS + 7_000)
+        .await
+        .expect("insert after the upgrade");
+    assert_hourly_totals(&dbs, &clicks).await;
+    assert_eq!(
+        dbs.ch_count("SELECT uniqExactMerge(clicks) FROM clicks_hourly")
+            .await,
+        200
+    );
+}
+
 #[tokio::test]
 async fn redelivered_clicks_collapse_and_the_rollup_counts_each_once() {
     let dbs = TestDbs::migrated().await;
@@ -306,36 +413,7 @@ async fn redelivered_clicks_collapse_and_the_rollup_counts_each_once() {
         "the rollup counts distinct click ids despite 470 inserted rows"
     );
 
-    // Per hour and link, against a model.
-    let mut want: Vec<(u32, u64, u64, u64, u64)> = Vec::new();
-    for c in &clicks {
-        let hour = (c.ts_ms / 1000 / 3600 * 3600) as u32;
-        match want.iter_mut().find(|w| w.0 == hour && w.1 == c.link_id) {
-            Some(w) => {
-                w.2 += 1;
-                w.3 += u64::from(c.quarantined);
-                w.4 += u64::from(c.fallback);
-            }
-            None => want.push((
-                hour,
-                c.link_id,
-                1,
-                u64::from(c.quarantined),
-                u64::from(c.fallback),
-            )),
-        }
-    }
-    want.sort();
-    let got: Vec<(u32, u64, u64, u64, u64)> = dbs
-        .ch()
-        .query(
-            "SELECT toUInt32(hour), link_id, clicks, quarantined, fallbacks \
-             FROM clicks_hourly_totals ORDER BY hour, link_id",
-        )
-        .fetch_all()
-        .await
-        .expect("read totals");
-    assert_eq!(got, want, "hourly totals per link");
+    assert_hourly_totals(&dbs, &clicks).await;
 
     // Merged for real, the duplicates are gone from the table itself.
     for t in ["clicks", "clicks_hourly"] {
