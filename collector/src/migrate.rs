@@ -353,31 +353,30 @@ mod tests {
         assert_eq!(versions[0], 0, "0000 is the bookkeeping table");
     }
 
+    /// The table a statement starting with `prefix` names, if it does.
+    fn table_after<'a>(sql: &'a str, prefix: &str) -> Option<&'a str> {
+        sql.strip_prefix(prefix)?
+            .split(|c: char| c.is_whitespace() || c == '(')
+            .next()
+    }
+
     #[test]
     fn clickhouse_statements_are_portable_and_idempotent() {
         for (name, text) in CLICKHOUSE {
             let statements = split_statements(text).unwrap();
             for (i, sql) in statements.iter().enumerate() {
                 let upper = sql.to_ascii_uppercase();
-                if let Some(rest) = upper.strip_prefix("INSERT INTO ") {
+                if let Some(target) = table_after(&upper, "INSERT INTO ") {
                     // Only a rebuild: the same file dropped the table and
                     // created it again before filling it.
-                    let target = rest.split_whitespace().next().unwrap_or_default();
-                    let earlier: Vec<String> = statements[..i]
-                        .iter()
-                        .map(|s| s.to_ascii_uppercase())
-                        .collect();
-                    assert!(
-                        earlier
-                            .iter()
-                            .any(|s| s == &format!("DROP TABLE IF EXISTS {target}")),
-                        "{name}: INSERT INTO {target} without dropping it first"
-                    );
-                    assert!(
-                        earlier.iter().any(|s| s
-                            .starts_with(&format!("CREATE TABLE IF NOT EXISTS {target}"))),
-                        "{name}: INSERT INTO {target} without creating it first"
-                    );
+                    for before in ["DROP TABLE IF EXISTS ", "CREATE TABLE IF NOT EXISTS "] {
+                        assert!(
+                            statements[..i].iter().any(|s| {
+                                table_after(&s.to_ascii_uppercase(), before) == Some(target)
+                            }),
+                            "{name}: INSERT INTO {target} without {before}{target} first"
+                        );
+                    }
                 } else if upper.starts_with("DROP ") {
                     assert!(
                         upper.starts_with("DROP TABLE IF EXISTS {DB}."),

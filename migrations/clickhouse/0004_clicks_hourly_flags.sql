@@ -62,6 +62,10 @@ AS SELECT
 FROM {db}.clicks
 GROUP BY hour, link_id, offer_id, affiliate_id, quarantined, fallback;
 
+-- The view's SELECT again, over the clicks already there: ClickHouse fills
+-- a view's TO table only from new inserts (no POPULATE with TO).
+-- tests/chdb/check_ddl.py and collector/tests/stores.rs check that both
+-- give the same totals.
 INSERT INTO {db}.clicks_hourly
 SELECT
     toDateTime(toStartOfHour(ts), 'UTC') AS hour,
