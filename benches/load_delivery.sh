@@ -196,8 +196,14 @@ sample() {
 }
 while :; do
   [ -z "$collector_metrics" ] || [ -z "$edge_metrics" ] || sample
-  n=$(ch "SELECT count() FROM $db.clicks FINAL")
-  [ "$n" -ge "$minted" ] && break
+  # Rows in the table's active parts first: about 2 ms of server CPU,
+  # where a FINAL count of a million rows costs about 100 ms, taken from the
+  # pipeline it measures. FINAL (copies collapsed) only once they add up.
+  n=$(ch "SELECT sum(rows) FROM system.parts WHERE database = '$db' AND table = 'clicks' AND active")
+  if [ "$n" -ge "$minted" ]; then
+    n=$(ch "SELECT count() FROM $db.clicks FINAL")
+    [ "$n" -ge "$minted" ] && break
+  fi
   [ "$(date +%s)" -lt "$deadline" ] || { echo "only $n of $minted clicks after 300 s" >&2; exit 1; }
   sleep 0.2
 done
